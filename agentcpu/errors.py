@@ -36,3 +36,7 @@ class ContextLengthError(InvalidRequestError):
 
 class CapacityError(AgentCPUError):
     """The request can never fit the KV cache, or the queue is full."""
+
+
+class ChatTemplateError(InvalidRequestError):
+    """The model has no chat template, or its template rejected the conversation."""

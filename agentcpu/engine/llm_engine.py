@@ -1,0 +1,162 @@
+"""The engine loop: `schedule -> run -> postprocess`, one step at a time.
+
+`LLMEngine` is synchronous and single-threaded; `AsyncEngine` drives it from a thread
+for the server. Requests enter as token ids (the caller tokenizes), leave as
+`RequestOutput`s with incremental text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from agentcpu.config import EngineConfig
+from agentcpu.engine.detokenize import OutputText
+from agentcpu.engine.outputs import RequestOutput, TokenLogprob
+from agentcpu.engine.request import Request
+from agentcpu.engine.runner import ModelRunner
+from agentcpu.engine.sampler import SampleResult
+from agentcpu.engine.sampling_params import SamplingParams
+from agentcpu.engine.scheduler import Scheduler
+from agentcpu.errors import CapacityError, ContextLengthError, InvalidRequestError
+from agentcpu.kvcache.manager import KVCacheManager
+from agentcpu.kvcache.storage import allocate_kv_cache, num_blocks_for_budget
+from agentcpu.models.loader import DTYPES
+from agentcpu.models.loading import load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.config = config
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(config)
+        self.model, self.tokenizer = model, tokenizer
+        dtype = DTYPES[config.dtype]
+        num_blocks = num_blocks_for_budget(config.model_config, config.cache, dtype)
+        block_size = config.cache.block_size
+        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        kv_caches = allocate_kv_cache(config.model_config, num_blocks, block_size, dtype)
+        self.runner = ModelRunner(model, kv_caches, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.requests: dict[str, Request] = {}
+        self.texts: dict[str, OutputText] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+
+    # ---- front door -------------------------------------------------------------
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        request_id = request_id or f"req-{next(self._ids)}"
+        self._validate(prompt_token_ids, params, request_id)
+        request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        self.requests[request_id] = request
+        self.texts[request_id] = OutputText(self.tokenizer, params)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. False if it is unknown or done."""
+        request = self.requests.pop(request_id, None)
+        self.texts.pop(request_id, None)
+        if request is None or request.finished:
+            return False
+        self.scheduler.finish(request, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        results = self.runner.execute(scheduled)
+        self.stats.steps += 1
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.stats.computed_tokens += s.num_new_tokens
+            self.kv.publish_computed(s.request)
+        return [self._postprocess(self.requests[rid], res) for rid, res in results.items()]
+
+    def _postprocess(self, request: Request, result: SampleResult) -> RequestOutput:
+        if not request.output_token_ids:
+            request.first_token_time = time.monotonic()
+            self.stats.prompt_tokens += request.num_prompt_tokens
+            self.stats.cached_prompt_tokens += max(request.num_cached_tokens, 0)
+        request.output_token_ids.append(result.token_id)
+        self.stats.generated_tokens += 1
+        logprob = None
+        if request.params.logprobs is not None:
+            logprob = TokenLogprob(result.token_id, result.logprob, result.top_logprobs or [])
+            request.logprobs.append(logprob)
+        text = self.texts[request.request_id]
+        stop_string = text.append(result.token_id)
+        reason, stop_reason = self._stop_reason(request, result.token_id, stop_string)
+        if reason is not None:
+            text.finish(stopped_by_string=stop_string is not None)
+            self.scheduler.finish(request, reason)
+            self.stats.preemptions += request.num_preemptions
+            del self.requests[request.request_id], self.texts[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=request.output_token_ids,
+            text=text.text,
+            delta_token_ids=[result.token_id],
+            delta_text=text.delta(request.finished),
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            stop_reason=stop_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            logprobs=request.logprobs if logprob is not None else None,
+            delta_logprobs=[logprob] if logprob is not None else None,
+        )
+
+    def _stop_reason(self, request: Request, token: int, stop_string: str | None):
+        params, n_out = request.params, len(request.output_token_ids)
+        if stop_string is not None:
+            return "stop", stop_string
+        if n_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop", token
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return "stop", None
+        if n_out >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return "length", None
+        return None, None
+
+    # ---- validation -------------------------------------------------------------
+    def _validate(self, prompt: list[int], params: SamplingParams, request_id: str) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: at least one token is required")
+        vocab = self.config.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.config.max_model_len:
+            raise ContextLengthError(len(prompt), params.max_tokens, self.config.max_model_len)
+        blocks = self.kv.blocks_needed(len(prompt) + params.max_tokens)
+        if blocks > self.kv.pool.num_blocks:
+            raise CapacityError(
+                f"the request needs {blocks} KV blocks but the cache holds "
+                f"{self.kv.pool.num_blocks}: raise kv_cache_gb or lower max_tokens"
+            )

@@ -1,0 +1,58 @@
+"""Request-level KV bookkeeping on top of `BlockPool`: prefix matching, slot allocation,
+publishing computed blocks, freeing. Holds block ids only, never tensors."""
+
+from __future__ import annotations
+
+from agentcpu.engine.request import Request
+from agentcpu.kvcache.block_pool import NO_PARENT, BlockPool, chain_hash
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, request: Request) -> list[int]:
+        """Cached blocks covering the request's longest known prefix.
+
+        At least one token is always left to compute, so the last forward yields logits.
+        """
+        self._extend_hashes(request, request.num_tokens - 1)
+        return self.pool.lookup(request.block_hashes)
+
+    def allocate(self, request: Request, num_new_tokens: int, hits: list[int] = ()) -> bool:
+        """Give `request` blocks for `num_new_tokens` more tokens after its computed ones
+        (and after `hits`, a prefix hit from `match_prefix`). False if the pool is short."""
+        computed = request.num_computed_tokens + len(hits) * self.block_size
+        needed = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
+        if needed + self.pool.count_evictable(hits) > self.pool.num_free:
+            return False
+        if hits:
+            self.pool.reference(hits)
+            request.block_ids.extend(hits)
+            request.num_computed_tokens = computed
+        if needed > 0:
+            request.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def publish_computed(self, request: Request) -> None:
+        """Register every full block whose KV is now computed in the prefix cache."""
+        num_full = request.num_computed_tokens // self.block_size
+        self._extend_hashes(request, num_full * self.block_size)
+        for i in range(request.num_published_blocks, num_full):
+            self.pool.register(request.block_ids[i], request.block_hashes[i])
+        request.num_published_blocks = max(request.num_published_blocks, num_full)
+
+    def free(self, request: Request) -> None:
+        self.pool.release(reversed(request.block_ids))
+        request.block_ids = []
+        request.num_published_blocks = 0
+
+    def _extend_hashes(self, request: Request, num_tokens: int) -> None:
+        bs = self.block_size
+        for i in range(len(request.block_hashes), num_tokens // bs):
+            parent = request.block_hashes[i - 1] if i else NO_PARENT
+            request.block_hashes.append(chain_hash(parent, request.tokens(i * bs, (i + 1) * bs)))

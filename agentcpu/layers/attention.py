@@ -1,0 +1,97 @@
+"""Attention over the paged KV cache for a packed batch of sequences.
+
+The runner packs every scheduled token of every sequence into one [T, ...] batch: the
+decoding sequences first (one query token each), then prefill chunks. `AttentionMetadata`
+tells this layer where each token's K/V goes in the cache (`slot_mapping`) and which
+cache slots each sequence attends to. It is built once per step and shared by all layers.
+
+Cache layout per layer: k and v of shape [num_slots, num_kv_heads, head_dim], where a
+slot is `block_id * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's chunk of new tokens [start, start + length) in the packed batch."""
+
+    start: int
+    length: int
+    context_len: int  # tokens attended to by the chunk's last token, chunk included
+    context_slots: torch.Tensor | None  # [context_len] cache slots; None if no earlier context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [num_decode, max_context] (padded)
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context] True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D]; writes k/v to the cache."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)
+    for chunk in meta.prefills:
+        end = chunk.start + chunk.length
+        out[chunk.start : end] = _prefill(q[chunk.start : end], k, v, k_cache, v_cache, chunk, scale)
+    return out
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
+    values = v_cache[meta.decode_slots].transpose(1, 2)
+    out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask, False, scale)  # [B, H, 1, D]
+    return out.squeeze(2)
+
+
+def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    if chunk.context_slots is None:
+        end = chunk.start + chunk.length
+        keys, values, mask, causal = k[chunk.start : end], v[chunk.start : end], None, True
+    else:
+        keys, values = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
+        mask = _offset_causal_mask(chunk.length, chunk.context_len, q.device)
+        causal = False
+    out = _sdpa(
+        q.transpose(0, 1).unsqueeze(0),
+        keys.transpose(0, 1).unsqueeze(0),
+        values.transpose(0, 1).unsqueeze(0),
+        mask,
+        causal,
+        scale,
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _offset_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Query i (at absolute position kv_len - q_len + i) sees keys 0..that position."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+def _sdpa(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
