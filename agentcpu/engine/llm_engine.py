@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from agentcpu.config import EngineConfig
 from agentcpu.engine.detokenize import OutputText
 from agentcpu.engine.outputs import RequestOutput, TokenLogprob
@@ -19,7 +21,7 @@ from agentcpu.engine.request import Request
 from agentcpu.engine.runner import ModelRunner
 from agentcpu.engine.sampler import SampleResult
 from agentcpu.engine.sampling_params import SamplingParams
-from agentcpu.engine.scheduler import Scheduler
+from agentcpu.engine.scheduler import ScheduledRequest, Scheduler
 from agentcpu.errors import CapacityError, ContextLengthError, InvalidRequestError
 from agentcpu.kvcache.manager import KVCacheManager
 from agentcpu.kvcache.storage import allocate_kv_cache, num_blocks_for_budget
@@ -78,6 +80,22 @@ class LLMEngine:
             return False
         self.scheduler.finish(request, "abort")
         return True
+
+    def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """Logits [len(prompt), vocab] of every prompt position, in one forward (for
+        scoring and correctness checks; bypasses the scheduler's token budget)."""
+        params = SamplingParams(max_tokens=1)
+        self._validate(prompt_token_ids, params, "__score__")
+        request = Request("__score__", list(prompt_token_ids), params)
+        if not self.kv.allocate(request, len(prompt_token_ids)):
+            raise CapacityError("not enough free KV blocks to score this prompt now")
+        try:
+            batch = self.runner.prepare([ScheduledRequest(request, len(prompt_token_ids))])
+            with torch.inference_mode():
+                hidden = self.model(batch.input_ids, batch.positions, self.runner.kv_caches, batch.meta)
+                return self.model.compute_logits(hidden).float()
+        finally:
+            self.kv.free(request)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

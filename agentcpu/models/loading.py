@@ -66,9 +66,9 @@ def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | 
 
 
 def load_tokenizer(model: str):
-    from agentcpu.tokenizer import Tokenizer
-
     if not (Path(model) / "tokenizer.json").is_file():
         log.warning("%s has no tokenizer.json: only token-id prompts are accepted", model)
         return None
+    from agentcpu.tokenizer import Tokenizer
+
     return Tokenizer.from_pretrained(model)

@@ -51,7 +51,7 @@ def make_checkpoint(
     base.update(spec)
     config = transformers.AutoConfig.for_model(model_type, **base)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
@@ -70,7 +70,7 @@ def _randomize(model) -> None:
                 p.copy_(0.05 * torch.randn_like(p))
 
 
-def load_reference(path: Path):
+def load_reference(path: Path, dtype: torch.dtype = torch.float32):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

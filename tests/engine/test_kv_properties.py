@@ -1,0 +1,85 @@
+"""Property test of the scheduler + KV manager over random arrivals, aborts and finishes.
+
+No model runs: a fake "compute" writes each token id into its cache slot, so a prefix hit
+can be checked against the tokens it claims to hold.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentcpu.config import SchedulerConfig
+from agentcpu.engine.request import Request
+from agentcpu.engine.sampling_params import SamplingParams
+from agentcpu.engine.scheduler import Scheduler
+from agentcpu.kvcache.manager import KVCacheManager
+
+BLOCK = 4
+NUM_BLOCKS = 12
+
+prompt = st.lists(st.integers(0, 3), min_size=1, max_size=20)
+event = st.one_of(
+    st.tuples(st.just("arrive"), prompt, st.integers(1, 8)),
+    st.tuples(st.just("abort"), st.integers(0, 50)),
+    st.tuples(st.just("step"), st.integers(0, 2**16)),
+)
+
+
+def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
+    pool = kv.pool
+    held = Counter(b for r in scheduler.running for b in r.block_ids)
+    for r in scheduler.waiting:
+        assert not r.block_ids, "a waiting request holds no blocks"
+    for block in range(pool.num_blocks):
+        assert pool.ref_counts[block] == held[block], f"block {block} refcount"
+        assert (block in pool.free_queue) == (held[block] == 0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(event, max_size=60), st.integers(1, 16))
+def test_no_leak_no_shared_write(events, budget):
+    kv = KVCacheManager(NUM_BLOCKS, BLOCK)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget), kv)
+    slot_token: dict[int, int] = {}
+    live: list[Request] = []
+    for i, ev in enumerate(events):
+        if ev[0] == "arrive":
+            _, tokens, max_tokens = ev
+            if kv.blocks_needed(len(tokens) + max_tokens) <= NUM_BLOCKS:
+                r = Request(f"r{i}", tokens, SamplingParams(max_tokens=max_tokens))
+                scheduler.add(r)
+                live.append(r)
+        elif ev[0] == "abort" and live:
+            r = live.pop(ev[1] % len(live))
+            scheduler.finish(r, "abort")
+        elif ev[0] == "step":
+            _step(kv, scheduler, slot_token, live, ev[1])
+        _check_invariants(kv, scheduler)
+    for r in live:
+        scheduler.finish(r, "abort")
+    assert kv.pool.num_free == NUM_BLOCKS
+    assert all(c == 0 for c in kv.pool.ref_counts)
+
+
+def _step(kv, scheduler, slot_token, live, noise):
+    for s in scheduler.schedule():
+        r = s.request
+        # a prefix hit must hold exactly this request's tokens
+        for pos in range(r.num_computed_tokens):
+            slot = r.block_ids[pos // BLOCK] * BLOCK + pos % BLOCK
+            assert slot_token.get(slot) == r.token(pos), "prefix hit holds other tokens"
+        for pos in range(r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens):
+            block = r.block_ids[pos // BLOCK]
+            assert kv.pool.ref_counts[block] == 1, "writing into a shared block"
+            slot_token[block * BLOCK + pos % BLOCK] = r.token(pos)
+        sampled = s.samples
+        r.num_computed_tokens += s.num_new_tokens
+        kv.publish_computed(r)
+        if sampled:
+            r.output_token_ids.append(noise % 4)
+            if len(r.output_token_ids) >= r.params.max_tokens:
+                scheduler.finish(r, "length")
+                live.remove(r)
