@@ -1,0 +1,140 @@
+"""The engine's async front door for the server.
+
+The engine loop runs in its own thread (PyTorch releases the GIL inside kernels, so the
+event loop stays responsive); requests and aborts reach it through a command queue, and
+outputs come back to each caller's asyncio queue via `call_soon_threadsafe`. Leaving the
+`generate` iterator early (client disconnect, cancellation) aborts the request, which
+frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from agentcpu.engine.llm_engine import LLMEngine
+from agentcpu.engine.outputs import RequestOutput
+from agentcpu.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="agentcpu-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; raises the engine's typed error if it is refused."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send(("add", request_id, list(prompt_token_ids), params, stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def call(self, fn, *args):
+        """Run `fn(engine, *args)` on the engine thread; returns a concurrent Future."""
+        import concurrent.futures
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", fn, args, future))
+        return future
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- engine thread ------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug in a step must not kill the server
+                log.exception("engine step failed; failing its requests")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            kind = command[0]
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self.engine.abort(command[1])
+                self._streams.pop(command[1], None)
+            elif kind == "call":
+                _, fn, args, future = command
+                try:
+                    future.set_result(fn(self.engine, *args))
+                except Exception as e:
+                    future.set_exception(e)
+
+    def _add(self, request_id, prompt, params, stream: _Stream) -> None:
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except Exception as e:
+            stream.put(e)
+            return
+        self._streams[request_id] = stream
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(RuntimeError(f"engine step failed: {error}"))
+        self._streams.clear()
