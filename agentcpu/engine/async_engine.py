@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from agentcpu.engine.constraint import TokenConstraint
 from agentcpu.engine.llm_engine import LLMEngine
 from agentcpu.engine.outputs import RequestOutput
 from agentcpu.engine.sampling_params import SamplingParams
@@ -43,11 +44,15 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        constraint: TokenConstraint | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; raises the engine's typed error if it is refused."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send(("add", request_id, list(prompt_token_ids), params, stream))
+        self._send(("add", request_id, list(prompt_token_ids), params, stream, constraint))
         finished = False
         try:
             while not finished:
@@ -125,9 +130,9 @@ class AsyncEngine:
                 except Exception as e:
                     future.set_exception(e)
 
-    def _add(self, request_id, prompt, params, stream: _Stream) -> None:
+    def _add(self, request_id, prompt, params, stream: _Stream, constraint) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, constraint)
         except Exception as e:
             stream.put(e)
             return

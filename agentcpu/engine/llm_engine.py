@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from agentcpu.config import EngineConfig
+from agentcpu.engine.constraint import TokenConstraint
 from agentcpu.engine.detokenize import OutputText
 from agentcpu.engine.outputs import RequestOutput, TokenLogprob
 from agentcpu.engine.request import Request
@@ -62,11 +63,16 @@ class LLMEngine:
 
     # ---- front door -------------------------------------------------------------
     def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Request:
         request_id = request_id or f"req-{next(self._ids)}"
         self._validate(prompt_token_ids, params, request_id)
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        request.constraint = constraint
         self.requests[request_id] = request
         self.texts[request_id] = OutputText(self.tokenizer, params)
         self.scheduler.add(request)
@@ -120,6 +126,8 @@ class LLMEngine:
             self.stats.cached_prompt_tokens += max(request.num_cached_tokens, 0)
         request.output_token_ids.append(result.token_id)
         self.stats.generated_tokens += 1
+        if request.constraint is not None:
+            request.constraint.accept(result.token_id)
         logprob = None
         if request.params.logprobs is not None:
             logprob = TokenLogprob(result.token_id, result.logprob, result.top_logprobs or [])
@@ -151,6 +159,8 @@ class LLMEngine:
         params, n_out = request.params, len(request.output_token_ids)
         if stop_string is not None:
             return "stop", stop_string
+        if request.constraint is not None and request.constraint.is_finished():
+            return "stop", None
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 return "stop", token

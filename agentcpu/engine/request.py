@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from agentcpu.engine.constraint import TokenConstraint
 from agentcpu.engine.sampling_params import SamplingParams
 
 
@@ -38,6 +39,7 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    constraint: TokenConstraint | None = None
     # output bookkeeping owned by the engine's postprocess
     logprobs: list = field(default_factory=list)
     first_token_time: float | None = None

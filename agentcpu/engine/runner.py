@@ -34,6 +34,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler or Sampler()
+        self.vocab_size = model.config.vocab_size
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> dict[str, SampleResult]:
@@ -95,8 +96,7 @@ class ModelRunner:
         mask = torch.arange(max_len)[None, :] < lengths[:, None]
         meta.decode_mask = mask[:, None, None, :]
 
-    @staticmethod
-    def _sample_row(request: Request) -> SampleRow:
+    def _sample_row(self, request: Request) -> SampleRow:
         params = request.params
         banned: list[int] = []
         if len(request.output_token_ids) < params.min_tokens:
@@ -107,4 +107,10 @@ class ModelRunner:
             output_ids=request.output_token_ids,
             generator=request.generator,
             banned_ids=banned,
+            allowed_mask=self._allowed(request),
         )
+
+    def _allowed(self, request: Request) -> torch.Tensor | None:
+        if request.constraint is None:
+            return None
+        return request.constraint.allowed_mask(self.vocab_size)

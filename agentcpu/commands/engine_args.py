@@ -1,0 +1,30 @@
+"""Engine options shared by every subcommand that loads a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help="HF model directory or .gguf file")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--quant", default=None, help="weight-only quantization: int8 | int4")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, capped)")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache pool size in GiB")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: physical cores)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        quant=args.quant,
+        max_model_len=args.max_model_len,
+        kv_cache_gb=args.kv_cache_gb,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        threads=args.threads,
+    )
