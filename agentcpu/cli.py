@@ -16,6 +16,7 @@ from agentcpu.errors import AgentCPUError
 SUBCOMMANDS = {
     "generate": ("agentcpu.commands.generate", "generate text from a prompt, streamed"),
     "doctor": ("agentcpu.commands.doctor", "CPU features, measured limits, model roofline"),
+    "bench": ("agentcpu.commands.bench", "offline engine benchmarks against the roofline"),
 }
 
 

@@ -1,0 +1,142 @@
+"""`agentcpu bench decode|prefill|concurrency|prefix --model PATH|--shape NAME`.
+
+Prints each figure with its share of this machine's roofline (`agentcpu doctor`) and
+writes a JSON record with `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agentcpu.commands.engine_args import add_engine_arguments, engine_options
+
+WORKLOADS = ("decode", "prefill", "concurrency", "prefix")
+BENCH_DIR = Path(".bench")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workload", choices=WORKLOADS)
+    add_engine_arguments(parser, model_required=False)
+    parser.add_argument("--shape", default=None, help="make/use a random checkpoint of this shape (e.g. qwen2.5-0.5b)")
+    parser.add_argument("--runs", type=int, default=5, help="repeats; medians are reported")
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--prompt-lens", default="512,2048", help="prefill prompt lengths")
+    parser.add_argument("--streams", default="1,4,16,32,64", help="concurrency levels")
+    parser.add_argument("--out", default=None, help="write the JSON record here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from agentcpu.bench import offline
+    from agentcpu.hardware.doctor import doctor_report
+    from agentcpu.llm import LLM
+
+    model = _model_path(args)
+    doctor = doctor_report(model_path=model, quick=True)
+    llm = LLM(model, **engine_options(args))
+    engine = llm.engine
+    limits = doctor["model"]["roofline"][_roofline_key(args.quant)]
+    rows = _WORKLOAD_RUNNERS[args.workload](offline, engine, args)
+    record = {
+        "workload": args.workload,
+        "model": model,
+        "engine_options": engine_options(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _git_commit(),
+        "command": "agentcpu bench " + " ".join(sys.argv[2:]),
+        "host": platform.node(),
+        "doctor": doctor,
+        "results": rows,
+    }
+    _print(args.workload, rows, limits, doctor)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+def _decode(offline, engine, args):
+    offline.decode(engine, 1, 32, 8, seed=99)  # warm-up
+    runs = [offline.decode(engine, 1, 32, args.output_len, seed=i) for i in range(args.runs)]
+    return [{"streams": 1, "decode_tok_s": offline.median_of(runs, "decode_tok_s"), "runs": runs}]
+
+
+def _prefill(offline, engine, args):
+    engine.kv.pool.enable_prefix_caching = False
+    offline.prefill(engine, 64, seed=99)
+    rows = []
+    for n in (int(x) for x in args.prompt_lens.split(",")):
+        runs = [offline.prefill(engine, n, seed=i) for i in range(args.runs)]
+        rows.append({"prompt_tokens": n, "prefill_tok_s": offline.median_of(runs, "prefill_tok_s"), "runs": runs})
+    return rows
+
+
+def _concurrency(offline, engine, args):
+    offline.decode(engine, 2, 32, 8, seed=99)
+    rows = []
+    for n in (int(x) for x in args.streams.split(",")):
+        runs = [offline.decode(engine, n, 128, args.output_len, seed=1000 * i) for i in range(max(1, args.runs // 2))]
+        rows.append({"streams": n, "decode_tok_s": offline.median_of(runs, "decode_tok_s"),
+                     "tpot_ms_p50": offline.median_of(runs, "tpot_ms_p50"), "runs": runs})
+    return rows
+
+
+def _prefix(offline, engine, args):
+    rows = []
+    for cache in (True, False):
+        engine.kv.pool.enable_prefix_caching = cache
+        runs = [offline.shared_prefix(engine, 32, 1500, 64, 16, seed=7 + 100 * i) for i in range(max(1, args.runs // 2))]
+        rows.append({"prefix_cache": cache, "wall_s": offline.median_of(runs, "wall_s"), "runs": runs})
+    engine.kv.pool.enable_prefix_caching = True
+    return rows
+
+
+_WORKLOAD_RUNNERS = {"decode": _decode, "prefill": _prefill, "concurrency": _concurrency, "prefix": _prefix}
+
+
+def _roofline_key(quant: str | None) -> str:
+    if quant is None:
+        return "stored"
+    return "int8" if quant.startswith("int8") else "int4_g32"
+
+
+def _model_path(args) -> str:
+    if args.model:
+        return args.model
+    if not args.shape:
+        raise SystemExit("agentcpu bench: give --model PATH or --shape NAME")
+    from agentcpu.bench.checkpoints import make_random_checkpoint
+
+    path = BENCH_DIR / args.shape
+    if not (path / "config.json").is_file():
+        make_random_checkpoint(args.shape, path)
+    return str(path)
+
+
+def _print(workload, rows, limits, doctor) -> None:
+    print(f"# {workload}  (bandwidth {doctor['bandwidth_gbs']:.1f} GB/s, "
+          f"bf16 {doctor['bf16_tflops']:.2f} TFLOPS, {doctor['threads']} threads)")
+    for row in rows:
+        shown = {k: v for k, v in row.items() if k != "runs"}
+        if "decode_tok_s" in row and row.get("streams") == 1:
+            shown["of_roofline"] = f"{row['decode_tok_s'] / limits['decode_tok_s']:.0%}"
+        if "prefill_tok_s" in row:
+            shown["of_roofline"] = f"{row['prefill_tok_s'] / limits['prefill_tok_s']:.0%}"
+        print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    print(f"  roofline: decode {limits['decode_tok_s']:.1f} tok/s, prefill {limits['prefill_tok_s']:.0f} tok/s")
+
+
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        return "unknown"
