@@ -126,8 +126,12 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_gb: float = 1.0
     enable_prefix_caching: bool = True
+    pin_ttl_s: float = 30.0  # how long a session's KV is kept after a turn
+    pin_budget_fraction: float = 0.5  # share of the pool that pins may hold
 
     def __post_init__(self) -> None:
+        if not 0 <= self.pin_budget_fraction <= 1:
+            raise InvalidRequestError("pin_budget_fraction must be in [0, 1]")
         if self.block_size < 1:
             raise InvalidRequestError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_gb <= 0:

@@ -49,10 +49,13 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         constraint: TokenConstraint | None = None,
+        session_id: str | None = None,
+        pin_ttl_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; raises the engine's typed error if it is refused."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send(("add", request_id, list(prompt_token_ids), params, stream, constraint))
+        options = {"constraint": constraint, "session_id": session_id, "pin_ttl_s": pin_ttl_s}
+        self._send(("add", request_id, list(prompt_token_ids), params, stream, options))
         finished = False
         try:
             while not finished:
@@ -130,9 +133,9 @@ class AsyncEngine:
                 except Exception as e:
                     future.set_exception(e)
 
-    def _add(self, request_id, prompt, params, stream: _Stream, constraint) -> None:
+    def _add(self, request_id, prompt, params, stream: _Stream, options: dict) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id, constraint)
+            self.engine.add_request(prompt, params, request_id, **options)
         except Exception as e:
             stream.put(e)
             return

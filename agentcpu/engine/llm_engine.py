@@ -51,7 +51,12 @@ class LLMEngine:
         dtype = DTYPES[config.dtype]
         num_blocks = num_blocks_for_budget(config.model_config, config.cache, dtype)
         block_size = config.cache.block_size
-        self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks,
+            block_size,
+            config.cache.enable_prefix_caching,
+            int(num_blocks * config.cache.pin_budget_fraction),
+        )
         kv_caches = allocate_kv_cache(config.model_config, num_blocks, block_size, dtype)
         self.runner = ModelRunner(model, kv_caches, block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -68,11 +73,18 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         constraint: TokenConstraint | None = None,
+        session_id: str | None = None,
+        pin_ttl_s: float | None = None,
     ) -> Request:
+        """Queue a request. With a `session_id`, its KV is pinned for `pin_ttl_s`
+        (default: the cache config's) after it finishes, for the session's next turn."""
         request_id = request_id or f"req-{next(self._ids)}"
         self._validate(prompt_token_ids, params, request_id)
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
         request.constraint = constraint
+        request.session_id = session_id
+        if session_id is not None:
+            request.pin_ttl_s = self.config.cache.pin_ttl_s if pin_ttl_s is None else pin_ttl_s
         self.requests[request_id] = request
         self.texts[request_id] = OutputText(self.tokenizer, params)
         self.scheduler.add(request)
@@ -106,8 +118,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def end_session(self, session_id: str) -> bool:
+        """Release a session's pinned KV now. False if nothing was pinned."""
+        return self.kv.pins.unpin(session_id) is not None
+
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.kv.pins.expire()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []

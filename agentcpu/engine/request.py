@@ -40,6 +40,8 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     constraint: TokenConstraint | None = None
+    session_id: str | None = None  # KV of a finished turn is pinned for this session
+    pin_ttl_s: float = 0.0
     # output bookkeeping owned by the engine's postprocess
     logprobs: list = field(default_factory=list)
     first_token_time: float | None = None

@@ -91,13 +91,16 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str) -> None:
-        """Remove a request wherever it is and free its blocks (idempotent)."""
+        """Remove a request wherever it is and free its blocks (idempotent). A finished
+        (not aborted) turn of a session pins its KV first."""
         if request.finished:
             return
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+        if reason != "abort" and request.pin_ttl_s > 0:
+            self.kv.pin_session(request, request.pin_ttl_s)
         self.kv.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from agentcpu.engine.request import Request
 from agentcpu.kvcache.block_pool import NO_PARENT, BlockPool, chain_hash
+from agentcpu.kvcache.pins import SessionPins
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        pin_budget_blocks: int | None = None,
+    ):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        budget = num_blocks // 2 if pin_budget_blocks is None else pin_budget_blocks
+        self.pins = SessionPins(self.pool, block_size, budget)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -28,15 +37,26 @@ class KVCacheManager:
         (and after `hits`, a prefix hit from `match_prefix`). False if the pool is short."""
         computed = request.num_computed_tokens + len(hits) * self.block_size
         needed = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
-        if needed + self.pool.count_evictable(hits) > self.pool.num_free:
-            return False
+        while needed + self.pool.count_evictable(hits) > self.pool.num_free:
+            if not self.pins.relieve_pressure():  # pins give way before anyone waits
+                return False
         if hits:
             self.pool.reference(hits)
             request.block_ids.extend(hits)
             request.num_computed_tokens = computed
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
+        if request.session_id is not None and request.session_id in self.pins.pins:
+            self.pins.unpin(request.session_id)  # the session is back: its request holds them
+            self.pins.stats.resumed += 1
         return True
+
+    def pin_session(self, request: Request, ttl_s: float) -> None:
+        """Keep the request's computed full blocks for its session after it finishes."""
+        if request.session_id is None:
+            return
+        self.publish_computed(request)
+        self.pins.pin(request.session_id, request.block_ids[: request.num_published_blocks], ttl_s)
 
     def publish_computed(self, request: Request) -> None:
         """Register every full block whose KV is now computed in the prefix cache."""

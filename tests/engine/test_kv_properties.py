@@ -31,6 +31,8 @@ event = st.one_of(
 def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
     pool = kv.pool
     held = Counter(b for r in scheduler.running for b in r.block_ids)
+    held.update(b for pin in kv.pins.pins.values() for b in pin.blocks)
+    assert kv.pins.num_pinned_blocks <= kv.pins.budget_blocks
     for r in scheduler.waiting:
         assert not r.block_ids, "a waiting request holds no blocks"
     for block in range(pool.num_blocks):
@@ -41,7 +43,7 @@ def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(event, max_size=60), st.integers(1, 16))
 def test_no_leak_no_shared_write(events, budget):
-    kv = KVCacheManager(NUM_BLOCKS, BLOCK)
+    kv = KVCacheManager(NUM_BLOCKS, BLOCK, pin_budget_blocks=NUM_BLOCKS // 2)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget), kv)
     slot_token: dict[int, int] = {}
     live: list[Request] = []
@@ -50,6 +52,8 @@ def test_no_leak_no_shared_write(events, budget):
             _, tokens, max_tokens = ev
             if kv.blocks_needed(len(tokens) + max_tokens) <= NUM_BLOCKS:
                 r = Request(f"r{i}", tokens, SamplingParams(max_tokens=max_tokens))
+                if max_tokens % 2:  # half the requests are agent turns that pin their KV
+                    r.session_id, r.pin_ttl_s = f"s{len(tokens) % 3}", 60.0
                 scheduler.add(r)
                 live.append(r)
         elif ev[0] == "abort" and live:
@@ -60,6 +64,8 @@ def test_no_leak_no_shared_write(events, budget):
         _check_invariants(kv, scheduler)
     for r in live:
         scheduler.finish(r, "abort")
+    for session in list(kv.pins.pins):
+        kv.pins.unpin(session)
     assert kv.pool.num_free == NUM_BLOCKS
     assert all(c == 0 for c in kv.pool.ref_counts)
 

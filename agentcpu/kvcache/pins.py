@@ -1,0 +1,89 @@
+"""Session pins: a session waiting on a tool keeps its KV blocks.
+
+When a turn ends (typically in tool calls), the session's computed full blocks are
+pinned: the pin holds one reference on each block, so neither LRU eviction nor another
+request can take them. A pin ends when the session returns (its next request takes its
+own references via the prefix cache, then the old pin is dropped), when its time-to-live
+passes, when the session is deleted, or under memory pressure (oldest first) — a pin
+never makes a running request fail. Pinned blocks are bounded by `budget_blocks`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from agentcpu.kvcache.block_pool import BlockPool
+
+
+@dataclass
+class Pin:
+    session_id: str
+    blocks: list[int]
+    pinned_at: float
+    expires_at: float
+    num_tokens: int
+
+
+@dataclass
+class PinStats:
+    pinned: int = 0
+    released_ttl: int = 0
+    released_pressure: int = 0
+    released_budget: int = 0
+    resumed: int = 0
+
+
+class SessionPins:
+    def __init__(self, pool: BlockPool, block_size: int, budget_blocks: int, clock=time.monotonic):
+        self.pool = pool
+        self.block_size = block_size
+        self.budget_blocks = budget_blocks
+        self.clock = clock
+        self.pins: OrderedDict[str, Pin] = OrderedDict()  # oldest first
+        self.num_pinned_blocks = 0
+        self.stats = PinStats()
+
+    def pin(self, session_id: str, blocks: list[int], ttl_s: float) -> Pin | None:
+        """Pin `blocks` (computed, full, published) for `session_id`, replacing its old pin."""
+        self.unpin(session_id)
+        if not blocks or ttl_s <= 0 or len(blocks) > self.budget_blocks:
+            return None
+        while self.num_pinned_blocks + len(blocks) > self.budget_blocks and self.pins:
+            self._release_oldest()
+            self.stats.released_budget += 1
+        self.pool.reference(blocks)
+        now = self.clock()
+        pin = Pin(session_id, list(blocks), now, now + ttl_s, len(blocks) * self.block_size)
+        self.pins[session_id] = pin
+        self.num_pinned_blocks += len(blocks)
+        self.stats.pinned += 1
+        return pin
+
+    def unpin(self, session_id: str) -> Pin | None:
+        pin = self.pins.pop(session_id, None)
+        if pin is not None:
+            self.pool.release(reversed(pin.blocks))
+            self.num_pinned_blocks -= len(pin.blocks)
+        return pin
+
+    def expire(self) -> int:
+        """Release pins whose TTL has passed; returns how many."""
+        now, n = self.clock(), 0
+        for session_id in [s for s, p in self.pins.items() if p.expires_at <= now]:
+            self.unpin(session_id)
+            n += 1
+        self.stats.released_ttl += n
+        return n
+
+    def relieve_pressure(self) -> bool:
+        """Release the oldest pin to make room; False when nothing is pinned."""
+        if not self.pins:
+            return False
+        self._release_oldest()
+        self.stats.released_pressure += 1
+        return True
+
+    def _release_oldest(self) -> None:
+        self.unpin(next(iter(self.pins)))

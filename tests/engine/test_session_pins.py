@@ -1,0 +1,78 @@
+"""Sessions keep their KV through tool pauses; pins give way under pressure."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.helpers import greedy, make_engine, random_prompts
+
+TURN_TOKENS = 40  # tool result appended per turn
+REPLY = 8
+
+
+@pytest.fixture(scope="module")
+def path(checkpoint_dir):
+    return checkpoint_dir("llama", max_position_embeddings=1024)
+
+
+def _run_one(engine, prompt, session=None, ttl=None):
+    req = engine.add_request(prompt, greedy(REPLY), session_id=session, pin_ttl_s=ttl)
+    before = engine.stats.computed_tokens
+    out = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == req.request_id and o.finished:
+                out = o
+    return out.token_ids, req, engine.stats.computed_tokens - before
+
+
+def test_six_turn_session_computes_only_new_tokens(path):
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=0.02)
+    history = random_prompts(1, [300], seed=1)[0]
+    for turn in range(6):
+        output, req, computed = _run_one(engine, history, session="s1", ttl=60)
+        if turn:
+            # only tokens past the last full cached block are recomputed
+            uncached = len(history) - req.num_cached_tokens
+            assert req.num_cached_tokens >= len(history) - TURN_TOKENS - REPLY - engine.kv.block_size
+            assert computed == uncached + REPLY - 1
+        history = history + output + random_prompts(1, [TURN_TOKENS], seed=10 + turn)[0]
+    assert engine.kv.pins.stats.resumed == 5
+
+
+def test_pin_survives_burst_and_gives_way_under_pressure(path):
+    block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=44 * block_bytes / 2**30)
+    total = engine.kv.pool.num_blocks
+    assert total == 44
+    session_prompt = random_prompts(1, [200], seed=3)[0]
+    _run_one(engine, session_prompt, session="agent", ttl=60)
+    pinned = engine.kv.pins.pins["agent"].blocks
+    assert len(pinned) == 12
+    # a burst of unrelated traffic that fits beside the pin: the pin survives
+    for i in range(4):
+        _run_one(engine, random_prompts(1, [150], seed=100 + i)[0])
+    assert "agent" in engine.kv.pins.pins
+    back, req, _ = _run_one(engine, session_prompt, session="agent", ttl=60)
+    assert req.num_cached_tokens == 192
+    # traffic that needs the whole pool: the pin is released, nobody fails
+    big = random_prompts(1, [total * 16 - 40], seed=7)[0]
+    out, req, _ = _run_one(engine, big)
+    assert len(out) == REPLY
+    assert "agent" not in engine.kv.pins.pins
+    assert engine.kv.pins.stats.released_pressure == 1
+
+
+def test_pins_expire_and_end_session(path):
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=0.02)
+    clock = [0.0]
+    engine.kv.pins.clock = lambda: clock[0]
+    _run_one(engine, random_prompts(1, [64], seed=4)[0], session="a", ttl=5)
+    _run_one(engine, random_prompts(1, [64], seed=5)[0], session="b", ttl=50)
+    assert engine.kv.pins.num_pinned_blocks == 8
+    clock[0] = 10
+    engine.kv.pins.expire()
+    assert set(engine.kv.pins.pins) == {"b"}
+    assert engine.end_session("b") and not engine.end_session("b")
+    assert engine.kv.pins.num_pinned_blocks == 0
+    assert all(c == 0 for c in engine.kv.pool.ref_counts)
