@@ -25,7 +25,8 @@ from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.engine.scheduler import ScheduledRequest, Scheduler
 from agentcpu.errors import CapacityError, ContextLengthError, InvalidRequestError
 from agentcpu.kvcache.manager import KVCacheManager
-from agentcpu.kvcache.storage import allocate_kv_cache, num_blocks_for_budget
+from agentcpu.kvcache.spill import DiskKVStore
+from agentcpu.kvcache.storage import allocate_kv_pool, layer_views, num_blocks_for_budget
 from agentcpu.models.loader import DTYPES
 from agentcpu.models.loading import load_model_and_tokenizer
 
@@ -57,8 +58,12 @@ class LLMEngine:
             config.cache.enable_prefix_caching,
             int(num_blocks * config.cache.pin_budget_fraction),
         )
-        kv_caches = allocate_kv_cache(config.model_config, num_blocks, block_size, dtype)
-        self.runner = ModelRunner(model, kv_caches, block_size)
+        self.kv_pool = allocate_kv_pool(config.model_config, num_blocks, block_size, dtype)
+        if config.cache.spill_gb > 0:
+            spill_bytes = int(config.cache.spill_gb * (1 << 30))
+            store = DiskKVStore(self.kv_pool, block_size, config.cache.spill_dir, spill_bytes)
+            self.kv.attach_spill(store)
+        self.runner = ModelRunner(model, layer_views(self.kv_pool), block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
         self.texts: dict[str, OutputText] = {}

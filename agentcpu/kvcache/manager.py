@@ -20,6 +20,19 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         budget = num_blocks // 2 if pin_budget_blocks is None else pin_budget_blocks
         self.pins = SessionPins(self.pool, block_size, budget)
+        self.spill = None  # a DiskKVStore when idle sessions spill to disk
+        self.min_restore_blocks = 1  # below this, recomputing beats reading (docs/kv-spill.md)
+
+    def attach_spill(self, store) -> None:
+        """Spill expired session pins to `store` and restore from it on prefix match."""
+        self.spill = store
+        self.pins.on_expire = self._spill_pin
+
+    def _spill_pin(self, pin) -> None:
+        for block in pin.blocks:
+            block_hash = self.pool.block_hash[block]
+            if block_hash is not None:
+                self.spill.spill(block, block_hash)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -30,7 +43,29 @@ class KVCacheManager:
         At least one token is always left to compute, so the last forward yields logits.
         """
         self._extend_hashes(request, request.num_tokens - 1)
-        return self.pool.lookup(request.block_hashes)
+        hits = self.pool.lookup(request.block_hashes)
+        if self.spill is not None and self._restore_from_disk(request.block_hashes[len(hits) :]):
+            hits = self.pool.lookup(request.block_hashes)
+        return hits
+
+    def _restore_from_disk(self, hashes: list[int]) -> int:
+        """Bring back the stored blocks continuing a prefix; they become cached blocks."""
+        stored = []
+        for h in hashes:
+            if h not in self.spill:
+                break
+            stored.append(h)
+        if len(stored) < self.min_restore_blocks or len(stored) > self.pool.num_free:
+            return 0
+        blocks = self.pool.allocate(len(stored))
+        restored = 0
+        for block, h in zip(blocks, stored, strict=True):
+            if not self.spill.restore(h, block):
+                break
+            self.pool.register(block, h)
+            restored += 1
+        self.pool.release(reversed(blocks))
+        return restored
 
     def allocate(self, request: Request, num_new_tokens: int, hits: list[int] = ()) -> bool:
         """Give `request` blocks for `num_new_tokens` more tokens after its computed ones

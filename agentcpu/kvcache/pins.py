@@ -37,6 +37,7 @@ class PinStats:
 
 class SessionPins:
     def __init__(self, pool: BlockPool, block_size: int, budget_blocks: int, clock=time.monotonic):
+        self.on_expire = None  # called with each pin whose TTL passed, before its release
         self.pool = pool
         self.block_size = block_size
         self.budget_blocks = budget_blocks
@@ -72,6 +73,8 @@ class SessionPins:
         """Release pins whose TTL has passed; returns how many."""
         now, n = self.clock(), 0
         for session_id in [s for s, p in self.pins.items() if p.expires_at <= now]:
+            if self.on_expire is not None:
+                self.on_expire(self.pins[session_id])
             self.unpin(session_id)
             n += 1
         self.stats.released_ttl += n

@@ -25,14 +25,18 @@ def num_blocks_for_budget(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dty
     return n
 
 
-def allocate_kv_cache(
+def allocate_kv_pool(
     cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (k, v), each [num_blocks * block_size, num_kv_heads, head_dim].
+) -> torch.Tensor:
+    """[layers, 2 (k, v), num_blocks * block_size, num_kv_heads, head_dim].
 
     Zero-filled (calloc: pages are mapped on first write) so padding slots read in a
     batched gather are finite.
     """
     slots = num_blocks * block_size
-    pool = torch.zeros(cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-    return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
+    return torch.zeros(cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+
+
+def layer_views(pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k, v) views of the pool, each [slots, num_kv_heads, head_dim]."""
+    return [(pool[i, 0], pool[i, 1]) for i in range(pool.shape[0])]

@@ -15,12 +15,17 @@ from agentcpu.models.loader import build_model, load_weights
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 32768
+GGUF_SUFFIX = ".gguf"
 
 
 def read_model_config(model: str) -> ModelConfig:
     path = Path(model)
     if not path.exists():
         raise ModelLoadError(f"model path {model} does not exist")
+    if _is_gguf_file(path):
+        from agentcpu.loaders.gguf_file import GGUFModelFile
+
+        return GGUFModelFile(path).model_config()
     return ModelConfig.from_model_dir(path)
 
 
@@ -35,6 +40,9 @@ def resolve_engine_config(
     max_num_batched_tokens: int = 1024,
     threads: int = 0,
     quant: str | None = None,
+    pin_ttl_s: float = 30.0,
+    spill_gb: float = 0.0,
+    spill_dir: str | None = None,
 ) -> EngineConfig:
     """Turn user-facing options (with "auto" = None) into a frozen EngineConfig."""
     model_config = read_model_config(model)
@@ -53,16 +61,43 @@ def resolve_engine_config(
         max_model_len=max_model_len,
         threads=threads,
         quant=quant,
-        cache=CacheConfig(block_size, kv_cache_gb, enable_prefix_caching),
+        cache=CacheConfig(
+            block_size,
+            kv_cache_gb,
+            enable_prefix_caching,
+            pin_ttl_s=pin_ttl_s,
+            spill_gb=spill_gb,
+            spill_dir=spill_dir,
+        ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
     )
 
 
 def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | None]:
     """The filled model and the tokenizer (None when the directory has no tokenizer)."""
+    if _is_gguf_file(config.model):
+        return _load_gguf(config)
     model = build_model(config.model_config, config.dtype, config.max_model_len)
     load_weights(model, iter_safetensors(config.model))
     return model, load_tokenizer(config.model)
+
+
+def _is_gguf_file(model: str | Path) -> bool:
+    """A single-file GGUF checkpoint (llama.cpp's format) rather than an HF directory."""
+    path = Path(model)
+    return path.suffix.lower() == GGUF_SUFFIX and path.is_file()
+
+
+def _load_gguf(config: EngineConfig) -> tuple[nn.Module, object | None]:
+    from agentcpu.loaders.gguf_file import GGUFModelFile
+    from agentcpu.loaders.gguf_tensors import iter_hf_tensors
+    from agentcpu.loaders.gguf_tokenizer import tokenizer_from_gguf
+    from agentcpu.models.loader import DTYPES
+
+    gguf = GGUFModelFile(config.model)
+    model = build_model(config.model_config, config.dtype, config.max_model_len)
+    load_weights(model, iter_hf_tensors(gguf, config.model_config, DTYPES[config.dtype]))
+    return model, tokenizer_from_gguf(gguf)
 
 
 def load_tokenizer(model: str):

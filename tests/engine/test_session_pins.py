@@ -76,3 +76,26 @@ def test_pins_expire_and_end_session(path):
     assert engine.end_session("b") and not engine.end_session("b")
     assert engine.kv.pins.num_pinned_blocks == 0
     assert all(c == 0 for c in engine.kv.pool.ref_counts)
+
+
+def test_spill_then_restore_gives_identical_continuation(path, tmp_path):
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=0.02, spill_gb=0.01, spill_dir=str(tmp_path))
+    clock = [0.0]
+    engine.kv.pins.clock = lambda: clock[0]
+    history = random_prompts(1, [250], seed=21)[0]
+    first, _, _ = _run_one(engine, history, session="s", ttl=5)
+    follow_up = history + first + random_prompts(1, [30], seed=22)[0]
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    clock[0] = 10  # the tool took longer than the TTL: the pin spills to disk
+    engine.step()
+    assert not engine.kv.pins.pins
+    assert engine.kv.spill.spilled_blocks == len(history + first) // 16
+    # evict everything cached in memory, so only the disk copy can serve the prefix
+    engine.kv.pool.allocate(engine.kv.pool.num_free)
+    engine.kv.pool.release(range(engine.kv.pool.num_blocks))
+    assert not engine.kv.pool.cached
+    got, req, computed = _run_one(engine, follow_up, session="s", ttl=5)
+    assert engine.kv.spill.restored_blocks == len(history + first) // 16
+    assert req.num_cached_tokens == 16 * (len(history + first) // 16)
+    assert computed == len(follow_up) - req.num_cached_tokens + REPLY - 1
+    assert got == expected
