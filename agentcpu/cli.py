@@ -14,6 +14,8 @@ from agentcpu.errors import AgentCPUError
 
 # subcommand -> (module, help); each module defines add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
+    "demo": ("agentcpu.commands.demo", "the embedded model solves tool-use tasks as agents"),
+    "serve": ("agentcpu.commands.serve", "OpenAI-compatible HTTP server"),
     "generate": ("agentcpu.commands.generate", "generate text from a prompt, streamed"),
     "doctor": ("agentcpu.commands.doctor", "CPU features, measured limits, model roofline"),
     "bench": ("agentcpu.commands.bench", "offline engine benchmarks against the roofline"),
