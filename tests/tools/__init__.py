@@ -1,0 +1,1 @@
+"""Tests of agentcpu.tools."""
