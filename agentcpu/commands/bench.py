@@ -1,7 +1,8 @@
-"""`agentcpu bench decode|prefill|concurrency|prefix --model PATH|--shape NAME`.
+"""`agentcpu bench decode|prefill|concurrency|prefix|serve|compare`.
 
-Prints each figure with its share of this machine's roofline (`agentcpu doctor`) and
-writes a JSON record with `--out`.
+The offline workloads run through the engine in-process and print each figure with its
+share of this machine's roofline (`agentcpu doctor`); `serve` loads any OpenAI-compatible
+endpoint; `compare` runs agentcpu, vLLM-CPU and llama.cpp side by side (bench/compare.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ BENCH_DIR = Path(".bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workload", choices=WORKLOADS)
+    from agentcpu.commands.bench_serve import add_compare_arguments, add_serve_arguments
+
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    for name in WORKLOADS:
+        _add_offline_arguments(sub.add_parser(name, help=f"offline {name} benchmark through the engine"))
+    add_serve_arguments(sub.add_parser("serve", help="load any OpenAI-compatible server"))
+    add_compare_arguments(sub.add_parser("compare", help="agentcpu vs vLLM-CPU vs llama.cpp, alternating"))
+
+
+def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, model_required=False)
     parser.add_argument("--shape", default=None, help="make/use a random checkpoint of this shape (e.g. qwen2.5-0.5b)")
     parser.add_argument("--runs", type=int, default=5, help="repeats; medians are reported")
@@ -32,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from agentcpu.commands import bench_serve
+
+    if args.bench_command == "serve":
+        return bench_serve.run_serve(args)
+    if args.bench_command == "compare":
+        return bench_serve.run_compare(args)
+    args.workload = args.bench_command
+    return _run_offline(args)
+
+
+def _run_offline(args: argparse.Namespace) -> int:
     from agentcpu.bench import offline
     from agentcpu.hardware.doctor import doctor_report
     from agentcpu.llm import LLM
