@@ -155,8 +155,15 @@ class LLMEngine:
             logprob = TokenLogprob(result.token_id, result.logprob, result.top_logprobs or [])
             request.logprobs.append(logprob)
         text = self.texts[request.request_id]
-        stop_string = text.append(result.token_id)
-        reason, stop_reason = self._stop_reason(request, result.token_id, stop_string)
+        # a token that ends the request (EOS, stop id) is never part of the text
+        reason, stop_reason = self._stop_token(request, result.token_id)
+        stop_string = None
+        if reason is None:
+            stop_string = text.append(result.token_id)
+            if stop_string is not None:
+                reason, stop_reason = "stop", stop_string
+            else:
+                reason, stop_reason = self._other_stop(request)
         if reason is not None:
             text.finish(stopped_by_string=stop_string is not None)
             self.scheduler.finish(request, reason)
@@ -177,18 +184,21 @@ class LLMEngine:
             delta_logprobs=[logprob] if logprob is not None else None,
         )
 
-    def _stop_reason(self, request: Request, token: int, stop_string: str | None):
-        params, n_out = request.params, len(request.output_token_ids)
-        if stop_string is not None:
-            return "stop", stop_string
-        if request.constraint is not None and request.constraint.is_finished():
-            return "stop", None
-        if n_out >= params.min_tokens:
+    @staticmethod
+    def _stop_token(request: Request, token: int):
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
             if token in params.stop_token_ids:
                 return "stop", token
             if not params.ignore_eos and token in request.eos_token_ids:
                 return "stop", None
-        if n_out >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        return None, None
+
+    def _other_stop(self, request: Request):
+        if request.constraint is not None and request.constraint.is_finished():
+            return "stop", None
+        n_out = len(request.output_token_ids)
+        if n_out >= request.params.max_tokens or request.num_tokens >= self.config.max_model_len:
             return "length", None
         return None, None
 
