@@ -9,6 +9,7 @@ exception out of the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import uuid
@@ -101,6 +102,8 @@ class AgentLoop:
         prompt = self.tokenizer.apply_chat_template(run.messages, tools=tools, add_generation_prompt=True)
         prompt_ids = self.tokenizer.encode(prompt)
         parser = ToolCallParser(self.tool_format, tools) if self.tool_format else None
+        if parser is not None:  # tool-call markers may be special tokens: keep them visible
+            params = dataclasses.replace(params, skip_special_tokens=False)
         out = None
         async for out in self.engine.generate(
             prompt_ids,
