@@ -13,7 +13,7 @@ from torch import nn
 
 from agentcpu.config import ModelConfig
 from agentcpu.layers.attention import AttentionMetadata, paged_attention
-from agentcpu.layers.linear import Linear
+from agentcpu.layers.linear import Linear, dense_linear
 from agentcpu.layers.norm import RMSNorm
 from agentcpu.layers.rope import RotaryEmbedding
 
@@ -131,5 +131,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight)
+            return dense_linear(hidden, self.model.embed_tokens.weight, None)
         return self.lm_head(hidden)
