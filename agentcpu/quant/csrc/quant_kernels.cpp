@@ -1,0 +1,491 @@
+// Weight-only int8 / int4 linear kernels for x86 AVX2 (also run on AVX-512 CPUs).
+//
+// Small batches (GEMV-like): activations are quantized on the fly to int8 in blocks of
+// 32 (one fp32 scale per block, as llama.cpp's Q8_0 activations), the int8 / int4
+// weights are streamed once and multiplied with `maddubs` (u8 x s8 -> s16 pairs) +
+// `madd` (-> s32), then each block's integer dot is scaled in fp32.
+// Large batches: each thread dequantizes a tile of weight rows to fp32 / bf16 in a
+// small buffer and multiplies it with at::mm (oneDNN / MKL), so the big-batch cost is
+// the float GEMM plus one pass over the quantized bytes.
+//
+// Formats (see docs/quantization.md):
+//   int8: qweight int8 [N, K]; scales fp32 [N, K / group] (group = K: per channel).
+//         w[n, k] = qweight[n, k] * scales[n, k / group]
+//   int4: qweight uint8 [N, K / 2]; each 32-weight block is 16 bytes in GGUF Q4_0 order
+//         (byte j: low nibble = weight j, high nibble = weight j + 16);
+//         scales, offsets fp16 [N, K / group].
+//         w[n, k] = nibble(n, k) * scales[n, k / group] + offsets[n, k / group]
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 32;      // activation quantization block (weights per fp32 scale)
+constexpr int kChunk4 = 64;     // int4 weights per 32-byte load (two Q4_0 blocks)
+constexpr int kMaxTokens = 4;   // tokens sharing one pass over a weight row (registers)
+constexpr int64_t kRowGrain = 16;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
+
+// Sums of 4 adjacent u8 x s8 products, as int32. With VNNI (AVX512-VNNI + VL, or
+// AVX-VNNI) one instruction; on plain AVX2 maddubs (to s16 pairs; the operands here never
+// saturate: |a| <= 128, |b| <= 127) + madd against ones.
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define AGENTCPU_VNNI 1
+inline __m256i dot4_u8s8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#endif
+}
+#else
+inline __m256i dot4_u8s8(__m256i a, __m256i b) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+#endif
+
+// Quantized activations of B tokens: int8 values, one scale per 32-block, and (int4)
+// the fp32 sum of each weight group. For int4 each 64-chunk is stored permuted as
+// [0..15, 32..47, 16..31, 48..63] to match the nibble order of two Q4_0 blocks.
+struct QuantActs {
+  std::vector<int8_t> q;      // [B, K]
+  std::vector<float> scales;  // int8: [B, K/32]; int4: [B, K/64, 8] (lane-wise scales)
+  std::vector<float> group_sums;  // int4: [B, K/group]
+};
+
+// Sums of the *quantized* activations per weight group: then scale * dot(q, xq) +
+// offset * sum is exactly dot(w, dequantized x), with no cancellation error between them.
+void compute_group_sums(QuantActs& a, int64_t t, int64_t K, int64_t group) {
+  const int64_t blocks_per_group = group / kBlock, nchunks = K / kChunk4;
+  const int8_t* qr = a.q.data() + t * K;
+  for (int64_t g = 0; g < K / group; ++g) {
+    float s = 0.f;
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      const int8_t* qc = qr + (b / 2) * kChunk4 + (b % 2) * 16;
+      int32_t isum = 0;
+      for (int i = 0; i < 16; ++i) isum += qc[i] + qc[i + 32];
+      s += isum * a.scales[(t * nchunks + b / 2) * 8 + (b % 2) * 4];
+    }
+    a.group_sums[t * (K / group) + g] = s;
+  }
+}
+
+// 32 floats -> 32 int8 (round to nearest) with scale amax / 127; returns the scale.
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const at::BFloat16* x) {  // bf16 is the top half of an fp32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <typename T>
+inline float quantize_block(const T* x, int8_t* q) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i)
+    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // packs work within 128-bit lanes: undo the interleave with one permute
+  __m256i a = _mm256_packs_epi32(n[0], n[1]), b = _mm256_packs_epi32(n[2], n[3]);
+  __m256i bytes = _mm256_packs_epi16(a, b);
+  bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+  return d;
+}
+
+template <typename T>
+QuantActs quantize_acts_typed(const at::Tensor& x, int64_t group, bool int4) {
+  const int64_t B = x.size(0), K = x.size(1), nblocks = K / kBlock, nchunks = K / kChunk4;
+  const T* xp = x.data_ptr<T>();
+  QuantActs a;
+  a.q.resize(B * K);
+  a.scales.resize(int4 ? B * nchunks * 8 : B * nblocks);
+  if (int4) a.group_sums.resize(B * (K / group));
+  at::parallel_for(0, B, 1, [&](int64_t t_begin, int64_t t_end) {
+    alignas(32) int8_t tmp[kBlock];
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const T* xr = xp + t * K;
+      int8_t* qr = a.q.data() + t * K;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        if (!int4) {
+          a.scales[t * nblocks + b] = quantize_block(xr + b * kBlock, qr + b * kBlock);
+          continue;
+        }
+        // block b is the first (even b) or second half of chunk b / 2
+        const float d = quantize_block(xr + b * kBlock, tmp);
+        const int64_t c = b / 2, half = b % 2;
+        std::memcpy(qr + c * kChunk4 + half * 16, tmp, 16);
+        std::memcpy(qr + c * kChunk4 + 32 + half * 16, tmp + 16, 16);
+        float* sv = a.scales.data() + (t * nchunks + c) * 8 + half * 4;
+        for (int l = 0; l < 4; ++l) sv[l] = d;
+      }
+      if (int4) compute_group_sums(a, t, K, group);
+    }
+  });
+  return a;
+}
+
+// x: contiguous [B, K], fp32 or bf16 (see input_2d)
+QuantActs quantize_acts(const at::Tensor& x, int64_t group, bool int4) {
+  if (x.scalar_type() == at::kBFloat16) return quantize_acts_typed<at::BFloat16>(x, group, int4);
+  return quantize_acts_typed<float>(x, group, int4);
+}
+
+// Dot of one int8 weight row with NT quantized tokens. PerChannel: one weight scale,
+// applied once at the end; else one per group, folded into each block's scale.
+template <int NT, bool PerChannel>
+void int8_row(const int8_t* w, const float* wscale, int64_t K, int64_t group,
+              const QuantActs& a, int64_t t0, float* out, int64_t out_stride) {
+  const int64_t nblocks = K / kBlock, blocks_per_group = group / kBlock;
+  const float* xs[NT];
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) {
+    acc[j] = _mm256_setzero_ps();
+    xs[j] = a.scales.data() + (t0 + j) * nblocks;
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
+    const __m256i aw = _mm256_abs_epi8(wv);  // |w| as u8: -128 -> 128 stays exact
+    const __m256 ws = _mm256_set1_ps(PerChannel ? 1.f : wscale[b / blocks_per_group]);
+    for (int j = 0; j < NT; ++j) {
+      const int8_t* xq = a.q.data() + (t0 + j) * K + b * kBlock;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i sx = _mm256_sign_epi8(xv, wv);  // x * sign(w): |x| <= 127, no overflow
+      const __m256i p = dot4_u8s8(aw, sx);
+      __m256 s = _mm256_broadcast_ss(xs[j] + b);
+      if (!PerChannel) s = _mm256_mul_ps(s, ws);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) out[j * out_stride] = hsum(acc[j]) * (PerChannel ? wscale[0] : 1.f);
+}
+
+// One 64-weight int4 chunk (two Q4_0 blocks, 32 bytes) against 64 permuted int8
+// activations: lane l of the result sums weights of block l / 4 (see QuantActs).
+struct Int4Chunk {
+  __m256i lo, hi;  // nibbles of block 0 | block 1: weights 0..15 | 32..47, 16..31 | 48..63
+};
+
+inline Int4Chunk load_int4_chunk(const uint8_t* w) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+}
+
+inline __m256 int4_chunk_dot(const Int4Chunk& c, const int8_t* xq) {
+  const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+#ifdef AGENTCPU_VNNI
+  const __m256i p = _mm256_add_epi32(dot4_u8s8(c.lo, xl), dot4_u8s8(c.hi, xh));
+#else  // add the s16 pairs first (|sum| <= 2 * 2 * 15 * 127): one madd instead of two
+  const __m256i p = _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(c.lo, xl), _mm256_maddubs_epi16(c.hi, xh)),
+      _mm256_set1_epi16(1));
+#endif
+  return _mm256_cvtepi32_ps(p);
+}
+
+// Dot of one int4 weight row with NT quantized tokens (offset term included).
+template <int NT>
+void int4_row(const uint8_t* w, const at::Half* scales, const at::Half* offsets, int64_t K,
+              int64_t group, const QuantActs& a, int64_t t0, float* out, int64_t out_stride) {
+  const int64_t nchunks = K / kChunk4, ngroups = K / group;
+  const int8_t* xq[NT];
+  const float* xs[NT];
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) {
+    xq[j] = a.q.data() + (t0 + j) * K;
+    xs[j] = a.scales.data() + (t0 + j) * nchunks * 8;
+    acc[j] = _mm256_setzero_ps();
+  }
+  if (group == kBlock) {  // two groups per chunk: lanes 0-3 take scale 2c, lanes 4-7 2c+1
+    const __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Int4Chunk chunk = load_int4_chunk(w + c * 32);
+      int32_t two_halves;
+      std::memcpy(&two_halves, scales + 2 * c, sizeof(two_halves));
+      const __m128 s01 = _mm_cvtph_ps(_mm_cvtsi32_si128(two_halves));
+      const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s01), pick);
+      for (int j = 0; j < NT; ++j) {
+        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xs[j] + c * 8), ws);
+        acc[j] = _mm256_fmadd_ps(int4_chunk_dot(chunk, xq[j] + c * kChunk4), s, acc[j]);
+      }
+    }
+  } else {  // whole chunks per group: sum a group with activation scales, then scale it
+    const int64_t chunks_per_group = group / kChunk4;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      __m256 acc_group[NT];
+      for (int j = 0; j < NT; ++j) acc_group[j] = _mm256_setzero_ps();
+      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
+        const Int4Chunk chunk = load_int4_chunk(w + c * 32);
+        for (int j = 0; j < NT; ++j)
+          acc_group[j] = _mm256_fmadd_ps(int4_chunk_dot(chunk, xq[j] + c * kChunk4),
+                                         _mm256_loadu_ps(xs[j] + c * 8), acc_group[j]);
+      }
+      const __m256 ws = _mm256_set1_ps(half_to_float(scales[g]));
+      for (int j = 0; j < NT; ++j) acc[j] = _mm256_fmadd_ps(acc_group[j], ws, acc[j]);
+    }
+  }
+  // offset term: sum over groups of offset * (sum of the group's dequantized activations)
+  int64_t g = 0;
+  for (; g + 8 <= ngroups; g += 8) {
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + g)));
+    for (int j = 0; j < NT; ++j)
+      acc[j] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a.group_sums.data() + (t0 + j) * ngroups + g), acc[j]);
+  }
+  for (int j = 0; j < NT; ++j) {
+    float r = hsum(acc[j]);
+    const float* gs = a.group_sums.data() + (t0 + j) * ngroups;
+    for (int64_t h = g; h < ngroups; ++h) r += half_to_float(offsets[h]) * gs[h];
+    out[j * out_stride] = r;
+  }
+}
+
+template <typename RowFn>
+void for_rows_and_tokens(int64_t N, int64_t B, RowFn row) {
+  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t t0 = 0; t0 < B; t0 += kMaxTokens) row(n, t0, std::min<int64_t>(kMaxTokens, B - t0));
+  });
+}
+
+// [B, K] contiguous view of x; fp32 and bf16 are read as they are, other dtypes as fp32
+at::Tensor input_2d(const at::Tensor& x) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.scalar_type() != at::kFloat && x2.scalar_type() != at::kBFloat16) x2 = x2.to(at::kFloat);
+  return x2.contiguous();
+}
+
+// Writes y[t, n] = v + bias[n] in the activation dtype (no separate cast / add pass).
+struct OutputWriter {
+  float* f = nullptr;
+  at::BFloat16* b = nullptr;
+  const float* bias = nullptr;
+  int64_t N = 0;
+  void operator()(int64_t t, int64_t n, float v) const {
+    if (bias) v += bias[n];
+    if (f) f[t * N + n] = v;
+    else b[t * N + n] = at::BFloat16(v);
+  }
+};
+
+// The output in x's shape (last dim N) and dtype, and a writer for it.
+std::pair<at::Tensor, OutputWriter> make_output(const at::Tensor& x, const at::Tensor& x2, int64_t N,
+                                                const c10::optional<at::Tensor>& bias,
+                                                at::Tensor& bias_keep) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x2.options());
+  OutputWriter w;
+  w.N = N;
+  if (x2.scalar_type() == at::kBFloat16) w.b = out.data_ptr<at::BFloat16>();
+  else w.f = out.data_ptr<float>();
+  if (bias.has_value()) {
+    bias_keep = bias->to(at::kFloat).contiguous();
+    w.bias = bias_keep.data_ptr<float>();
+  }
+  return {out, w};
+}
+
+at::Tensor finish(at::Tensor out, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) out.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+void check_x(const at::Tensor& x, int64_t K, int64_t multiple) {
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
+  TORCH_CHECK(K % multiple == 0, "in_features must be a multiple of ", multiple);
+}
+
+}  // namespace
+
+at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1), group = K / G;
+  check_x(x, K, kBlock);
+  TORCH_CHECK(group % kBlock == 0, "int8 group size must be a multiple of ", kBlock);
+  const at::Tensor x2 = input_2d(x);
+  const int64_t B = x2.size(0);
+  const QuantActs a = quantize_acts(x2, group, false);
+  at::Tensor bias_keep;
+  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
+    const int8_t* w = wp + n * K;
+    const float* ws = sp + n * G;
+    float r[kMaxTokens];
+    if (G == 1) {
+      switch (nt) {
+        case 4: int8_row<4, true>(w, ws, K, group, a, t0, r, 1); break;
+        case 3: int8_row<3, true>(w, ws, K, group, a, t0, r, 1); break;
+        case 2: int8_row<2, true>(w, ws, K, group, a, t0, r, 1); break;
+        default: int8_row<1, true>(w, ws, K, group, a, t0, r, 1);
+      }
+    } else {
+      switch (nt) {
+        case 4: int8_row<4, false>(w, ws, K, group, a, t0, r, 1); break;
+        case 3: int8_row<3, false>(w, ws, K, group, a, t0, r, 1); break;
+        case 2: int8_row<2, false>(w, ws, K, group, a, t0, r, 1); break;
+        default: int8_row<1, false>(w, ws, K, group, a, t0, r, 1);
+      }
+    }
+    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor int4_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const at::Tensor& offsets,
+                            const c10::optional<at::Tensor>& bias) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
+  const int64_t group = K / G;
+  check_x(x, K, kChunk4);
+  TORCH_CHECK(group % kBlock == 0, "int4 group size must be a multiple of ", kBlock);
+  TORCH_CHECK(group == kBlock || group % kChunk4 == 0, "int4 group must be 32 or a multiple of 64");
+  const at::Tensor x2 = input_2d(x);
+  const int64_t B = x2.size(0);
+  const QuantActs a = quantize_acts(x2, group, true);
+  at::Tensor bias_keep;
+  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = offsets.data_ptr<at::Half>();
+  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
+    const uint8_t* w = wp + n * K / 2;
+    const at::Half *s = sp + n * G, *m = mp + n * G;
+    float r[kMaxTokens];
+    switch (nt) {
+      case 4: int4_row<4>(w, s, m, K, group, a, t0, r, 1); break;
+      case 3: int4_row<3>(w, s, m, K, group, a, t0, r, 1); break;
+      case 2: int4_row<2>(w, s, m, K, group, a, t0, r, 1); break;
+      default: int4_row<1>(w, s, m, K, group, a, t0, r, 1);
+    }
+    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// ---- large batch: dequantize row tiles, multiply with at::mm ----
+
+namespace {
+
+void dequant_int8_rows(const int8_t* w, const float* scales, int64_t K, int64_t G, int64_t rows,
+                       float* dst) {
+  const int64_t group = K / G;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(scales[r * G + g]);
+      const int8_t* src = w + r * K + g * group;
+      float* d = dst + r * K + g * group;
+      int64_t i = 0;
+      for (; i + 8 <= group; i += 8) {
+        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+        _mm256_storeu_ps(d + i, _mm256_mul_ps(f, s));
+      }
+      for (; i < group; ++i) d[i] = static_cast<float>(src[i]) * scales[r * G + g];
+    }
+}
+
+// 16 packed bytes (one Q4_0-order block) -> 32 floats q * s + m
+inline void dequant_int4_block(const uint8_t* b, __m256 s, __m256 m, float* o) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i halves[2] = {lo, hi};
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 2; ++i) {
+      const __m128i q8 = i == 0 ? halves[h] : _mm_srli_si128(halves[h], 8);
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+      _mm256_storeu_ps(o + h * 16 + i * 8, _mm256_fmadd_ps(f, s, m));
+    }
+}
+
+void dequant_int4_rows(const uint8_t* w, const at::Half* scales, const at::Half* offsets,
+                       int64_t K, int64_t G, int64_t rows, float* dst) {
+  const int64_t group = K / G;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t blk = 0; blk < K / kBlock; ++blk) {
+      const int64_t g = r * G + blk * kBlock / group;
+      dequant_int4_block(w + r * K / 2 + blk * 16, _mm256_set1_ps(half_to_float(scales[g])),
+                         _mm256_set1_ps(half_to_float(offsets[g])), dst + r * K + blk * kBlock);
+    }
+}
+
+constexpr int64_t kTileBytes = 256 * 1024;  // fp32 weight tile kept in L2 while it is used
+
+template <typename Dequant>
+at::Tensor tiled_matmul(const at::Tensor& x, int64_t N, int64_t K, bool bf16, Dequant dequant) {
+  const at::Tensor xc = x.reshape({-1, K}).to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  const int64_t B = xc.size(0);
+  const int64_t rows = std::max<int64_t>(16, kTileBytes / (K * 4)) / 16 * 16;
+  const int64_t ntiles = (N + rows - 1) / rows;
+  at::Tensor out_t = at::empty({N, B}, xc.options().dtype(at::kFloat));
+  const at::Tensor xt = xc.t();
+  at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    at::Tensor tile = at::empty({rows, K}, at::kFloat);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * rows, nr = std::min(rows, N - r0);
+      dequant(r0, nr, tile.data_ptr<float>());
+      at::Tensor wt = tile.narrow(0, 0, nr);
+      if (bf16) wt = wt.to(at::kBFloat16);
+      at::Tensor o = out_t.narrow(0, r0, nr);
+      o.copy_(at::mm(wt, xt));
+    }
+  });
+  return out_t.t().contiguous();
+}
+
+}  // namespace
+
+at::Tensor int8_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
+                             const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                             bool bf16) {
+  const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1);
+  check_x(x, K, 1);
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  at::Tensor out = tiled_matmul(x, N, K, bf16, [&](int64_t r0, int64_t nr, float* dst) {
+    dequant_int8_rows(wp + r0 * K, sp + r0 * G, K, G, nr, dst);
+  });
+  return finish(out, x, bias);
+}
+
+at::Tensor int4_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
+                             const at::Tensor& scales, const at::Tensor& offsets,
+                             const c10::optional<at::Tensor>& bias, bool bf16) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
+  check_x(x, K, kBlock);
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = offsets.data_ptr<at::Half>();
+  at::Tensor out = tiled_matmul(x, N, K, bf16, [&](int64_t r0, int64_t nr, float* dst) {
+    dequant_int4_rows(wp + r0 * K / 2, sp + r0 * G, mp + r0 * G, K, G, nr, dst);
+  });
+  return finish(out, x, bias);
+}

@@ -1,0 +1,178 @@
+"""In-memory formats of quantized weights, and conversions to and from float.
+
+int8 (`Int8Weight`): `qweight` int8 [N, K], `scales` fp32 [N, K // group] (group == K
+means one scale per output channel); w = qweight * scales, symmetric, values in
+[-127, 127] when made here (a GGUF Q8_0 block may hold -128, which is kept).
+
+int4 (`Int4Weight`): `qweight` uint8 [N, K // 2], `scales` and `offsets` fp16
+[N, K // group]; w = q * scale + offset with q in 0..15. Inside each block of 32 weights
+(16 bytes) byte j holds weight j in its low nibble and weight j + 16 in its high nibble,
+which is GGUF Q4_0's order, so Q4_0 data maps on with no float step
+(offset = -8 * d). Symmetric quantization is the same format with offset = -8 * scale.
+
+docs/quantization.md has the full description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from agentcpu.errors import InvalidRequestError
+
+BLOCK = 32  # weights per Q4_0 / Q8_0 block, and the smallest group
+INT4_GROUP_SIZES = (32, 64, 128)
+INT8_MAX = 127
+INT4_LEVELS = 15
+Q4_0_ZERO = 8  # Q4_0 stores q + 8: w = (q - 8) * d
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+class QuantizationError(InvalidRequestError):
+    """A weight cannot be quantized as asked (shape not a multiple of the group, ...)."""
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    qweight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # fp32 [N, K // group]
+
+    @property
+    def group_size(self) -> int:
+        return self.qweight.shape[1] // self.scales.shape[1]
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    qweight: torch.Tensor  # uint8 [N, K // 2], Q4_0 nibble order per 32-block
+    scales: torch.Tensor  # fp16 [N, K // group]
+    offsets: torch.Tensor  # fp16 [N, K // group]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+
+def _check_2d(weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise QuantizationError(
+            f"expected a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}"
+        )
+
+
+def check_group(in_features: int, group_size: int, allowed: tuple[int, ...] | None) -> None:
+    if allowed is not None and group_size not in allowed:
+        raise QuantizationError(f"group size must be one of {allowed}, got {group_size}")
+    if group_size < 1 or in_features % group_size:
+        raise QuantizationError(
+            f"in_features {in_features} is not a multiple of the group size {group_size}; "
+            f"use a group size that divides it (int4: one of {INT4_GROUP_SIZES})"
+        )
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
+    """Symmetric int8, one fp32 scale per output channel (group_size None) or per group."""
+    _check_2d(weight)
+    out_features, in_features = weight.shape
+    group = group_size or in_features
+    check_group(in_features, group, None)
+    w = weight.float().reshape(out_features, in_features // group, group)
+    scales = w.abs().amax(dim=-1) / INT8_MAX
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(w * inverse.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    return Int8Weight(q.to(torch.int8).reshape(out_features, in_features).contiguous(), scales)
+
+
+def dequantize_int8(w: Int8Weight) -> torch.Tensor:
+    out_features, in_features = w.qweight.shape
+    q = w.qweight.float().reshape(out_features, w.scales.shape[1], -1)
+    return (q * w.scales.unsqueeze(-1)).reshape(out_features, in_features)
+
+
+def _fp16(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.abs().max() > FP16_MAX:
+        raise QuantizationError(f"int4 {what} exceed the fp16 range (|value| > {FP16_MAX})")
+    return t.to(torch.float16)
+
+
+def _int4_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, offset) per group of `w` [N, G, group]."""
+    if symmetric:
+        index = w.abs().argmax(dim=-1, keepdim=True)
+        extreme = w.gather(-1, index).squeeze(-1)
+        scales = _fp16(extreme / -Q4_0_ZERO, "scales")
+        return scales, -Q4_0_ZERO * scales
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scales = _fp16((hi - lo) / INT4_LEVELS, "scales")
+    return scales, _fp16(lo, "offsets")
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 128, symmetric: bool = False
+) -> Int4Weight:
+    """Group-wise int4. Asymmetric: q = round((w - min) / scale), scale = (max - min) / 15.
+    Symmetric (llama.cpp Q4_0's rule): scale = -e / 8 where e is the weight of largest
+    magnitude (so e lands exactly on level 0), q = round(w / scale) + 8 clamped to 0..15."""
+    _check_2d(weight)
+    out_features, in_features = weight.shape
+    check_group(in_features, group_size, INT4_GROUP_SIZES)
+    w = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scales, offsets = _int4_params(w, symmetric)
+    s, m = scales.float().unsqueeze(-1), offsets.float().unsqueeze(-1)
+    inverse = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
+    q = torch.round((w - m) * inverse).clamp_(0, INT4_LEVELS).to(torch.uint8)
+    return Int4Weight(pack_int4(q.reshape(out_features, in_features)), scales, offsets)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] -> [N, K // 2] in Q4_0 nibble order per 32-block."""
+    out_features, in_features = q.shape
+    if in_features % BLOCK:
+        raise QuantizationError(f"int4 needs in_features a multiple of {BLOCK}, got {in_features}")
+    blocks = q.reshape(out_features, in_features // BLOCK, 2, BLOCK // 2)
+    packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)
+    return packed.reshape(out_features, in_features // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: [N, K // 2] -> uint8 values 0..15 [N, K]."""
+    out_features, half = packed.shape
+    blocks = packed.reshape(out_features, half * 2 // BLOCK, 1, BLOCK // 2)
+    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)
+    return q.reshape(out_features, half * 2)
+
+
+def dequantize_int4(w: Int4Weight) -> torch.Tensor:
+    out_features, in_features = w.qweight.shape[0], w.in_features
+    q = unpack_int4(w.qweight).float().reshape(out_features, w.scales.shape[1], -1)
+    deq = q * w.scales.float().unsqueeze(-1) + w.offsets.float().unsqueeze(-1)
+    return deq.reshape(out_features, in_features)
+
+
+def int8_from_q8_0(qs: torch.Tensor, d: torch.Tensor) -> Int8Weight:
+    """GGUF Q8_0 blocks, already split into `qs` int8 [N, K] and `d` fp16 [N, K // 32]."""
+    _check_blocks(qs, d, qs.shape[1], torch.int8)
+    return Int8Weight(qs.contiguous(), d.float().contiguous())
+
+
+def int4_from_q4_0(qs: torch.Tensor, d: torch.Tensor) -> Int4Weight:
+    """GGUF Q4_0 blocks, already split into `qs` uint8 [N, K // 2] (the 16 bytes of each
+    block, in file order) and `d` fp16 [N, K // 32]; w = (q - 8) * d."""
+    _check_blocks(qs, d, qs.shape[1] * 2, torch.uint8)
+    d = d.to(torch.float16).contiguous()
+    return Int4Weight(qs.contiguous(), d, (-Q4_0_ZERO * d.float()).to(torch.float16))
+
+
+def _check_blocks(qs: torch.Tensor, d: torch.Tensor, in_features: int, dtype: torch.dtype) -> None:
+    if qs.dtype != dtype or qs.dim() != 2:
+        raise QuantizationError(
+            f"expected {dtype} [N, ...] block data, got {qs.dtype} {tuple(qs.shape)}"
+        )
+    expected = (qs.shape[0], in_features // BLOCK)
+    if in_features % BLOCK or tuple(d.shape) != expected:
+        raise QuantizationError(f"block scales have shape {tuple(d.shape)}, expected {expected}")

@@ -1,0 +1,84 @@
+"""Quantize a loaded model by swapping every `Linear` for an int8 / int4 module.
+
+A tied LM head (`lm_head is None`: logits use the embedding matrix) is a plain F.linear,
+not a `Linear`, so it stays in the model dtype.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from agentcpu.errors import InvalidRequestError
+from agentcpu.layers.linear import Linear
+from agentcpu.quant.formats import INT4_GROUP_SIZES, check_group
+from agentcpu.quant.modules import Int4Linear, Int8Linear
+
+METHODS = ("int8", "int4")
+DEFAULT_INT4_GROUP = 128
+QUANT_PATTERN = re.compile(r"^(int8|int4)(?:-g(\d+))?(-sym)?$")
+
+
+def quantize_model(
+    model: nn.Module, method: str, group_size: int = DEFAULT_INT4_GROUP, symmetric: bool = False
+) -> nn.Module:
+    """Replace every `Linear` in `model` (in place) and return it.
+
+    "int8": symmetric int8, one fp32 scale per output channel (`group_size` is ignored).
+    "int4": int4 in groups of `group_size` (32, 64 or 128) along the input dimension,
+    asymmetric (scale + offset per group) unless `symmetric`. Biases are kept as they are.
+    Raises `QuantizationError` (an `InvalidRequestError`) if a layer's input size is not a
+    multiple of the group size; the model is then left unchanged.
+    """
+    if method not in METHODS:
+        raise InvalidRequestError(f"quantization method must be one of {METHODS}, got {method!r}")
+    linears = _linears(model)
+    if method == "int4":  # check every layer first: fail before changing anything
+        for _, _, layer in linears:
+            check_group(layer.in_features, group_size, INT4_GROUP_SIZES)
+    for parent, name, layer in linears:  # one at a time: the float weight is freed as we go
+        setattr(parent, name, _quantize_linear(layer, method, group_size, symmetric))
+    return model
+
+
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear]]:
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Linear)
+    ]
+
+
+def _quantize_linear(layer: Linear, method: str, group_size: int, symmetric: bool) -> nn.Module:
+    if method == "int8":
+        return Int8Linear.from_float(layer.weight.data, layer.bias)
+    return Int4Linear.from_float(layer.weight.data, layer.bias, group_size, symmetric)
+
+
+def parse_quant(quant: str) -> tuple[str, int, bool]:
+    """ "int8" | "int4" | "int4-g64" | "int4-g32-sym" ... -> (method, group_size, symmetric)."""
+    match = QUANT_PATTERN.match(quant.strip().lower())
+    if not match:
+        raise InvalidRequestError(
+            f"unknown quantization {quant!r}: use int8, int4, int4-g<32|64|128>, optionally "
+            f"with -sym (e.g. int4-g64-sym)"
+        )
+    method, group, sym = match.group(1), match.group(2), match.group(3) is not None
+    if method == "int8" and (group or sym):
+        raise InvalidRequestError(
+            f"{quant!r}: int8 is per output channel and symmetric; use 'int8'"
+        )
+    group_size = int(group) if group else DEFAULT_INT4_GROUP
+    if method == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise InvalidRequestError(f"{quant!r}: int4 group size must be one of {INT4_GROUP_SIZES}")
+    return method, group_size, sym
+
+
+def apply_quant(model: nn.Module, quant: str | None) -> nn.Module:
+    """The loader's hook: `quant` as in `EngineConfig.quant` (None: leave the model as is)."""
+    if quant is None:
+        return model
+    method, group_size, symmetric = parse_quant(quant)
+    return quantize_model(model, method, group_size, symmetric)

@@ -1,0 +1,103 @@
+"""Quantized replacements for `layers.linear.Linear`: same `forward(x)` signature, same
+`in_features` / `out_features` / `bias`, weights held in the formats of `formats.py`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from agentcpu.quant import formats, ops
+
+
+class QuantizedLinear(nn.Module):
+    """Common part: shape attributes and an optional bias (kept in the model dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise formats.QuantizationError(
+                f"bias has shape {tuple(bias.shape)}, expected ({out_features},)"
+            )
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight [out, in] with fp32 scales per output channel or per group."""
+
+    def __init__(self, weight: formats.Int8Weight, bias: torch.Tensor | None = None):
+        out_features, in_features = weight.qweight.shape
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", weight.qweight.contiguous())
+        self.register_buffer("scales", weight.scales.float().contiguous())
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None
+    ) -> Int8Linear:
+        """Quantize a float weight: per output channel (group_size None) or per group."""
+        return cls(formats.quantize_int8(weight, group_size), bias)
+
+    @classmethod
+    def from_q8_0(
+        cls, qs: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Int8Linear:
+        """From GGUF Q8_0 blocks split into `qs` int8 [out, in] and `d` fp16 [out, in // 32]."""
+        return cls(formats.int8_from_q8_0(qs, d), bias)
+
+    @property
+    def weight_data(self) -> formats.Int8Weight:
+        return formats.Int8Weight(self.qweight, self.scales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return formats.dequantize_int8(self.weight_data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.qweight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.weight_data.group_size}"
+
+
+class Int4Linear(QuantizedLinear):
+    """Packed int4 weight [out, in // 2] with fp16 scales and offsets per group."""
+
+    def __init__(self, weight: formats.Int4Weight, bias: torch.Tensor | None = None):
+        super().__init__(weight.in_features, weight.qweight.shape[0], bias)
+        self.register_buffer("qweight", weight.qweight.contiguous())
+        self.register_buffer("scales", weight.scales.to(torch.float16).contiguous())
+        self.register_buffer("offsets", weight.offsets.to(torch.float16).contiguous())
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 128,
+        symmetric: bool = False,
+    ) -> Int4Linear:
+        return cls(formats.quantize_int4(weight, group_size, symmetric), bias)
+
+    @classmethod
+    def from_q4_0(
+        cls, qs: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> Int4Linear:
+        """From GGUF Q4_0 blocks split into `qs` uint8 [out, in // 2] (each block's 16
+        bytes in file order) and `d` fp16 [out, in // 32]."""
+        return cls(formats.int4_from_q4_0(qs, d), bias)
+
+    @property
+    def weight_data(self) -> formats.Int4Weight:
+        return formats.Int4Weight(self.qweight, self.scales, self.offsets)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return formats.dequantize_int4(self.weight_data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.weight_data.group_size}"
