@@ -1,0 +1,1 @@
+"""The embedded demo: a small self-trained tool-using model, its tools and tasks."""

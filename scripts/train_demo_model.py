@@ -1,0 +1,235 @@
+"""Train the embedded demo model: a small Llama that acts as a tool-using agent.
+
+    python scripts/make_demo_data.py --seed 1 --count 80000 --out .runs/demo_train.jsonl
+    python scripts/train_demo_model.py --data .runs/demo_train.jsonl \
+        --out agentcpu/assets/demo-model --threads 1 --time-budget-min 60
+
+On a shared 2-core machine one thread beats two (the second thread waits at every
+barrier while other processes hold the cores).
+
+Continue a saved model (same tokenizer and shape, fresh optimizer) with
+`--init-from agentcpu/assets/demo-model --lr 1e-3`.
+
+Writes a Hugging Face directory (config.json, bf16 model.safetensors, tokenizer files,
+generation_config.json) at start-up-plus-every-`--checkpoint-every-min` and at the end, so
+a crash or a time-out still leaves a usable model. Loss is on assistant tokens only.
+Seeded: the same flags give the same model, unless the time budget cuts training short
+(the learning-rate schedule follows max(step / steps, elapsed / budget)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo_model_train_lib import (  # noqa: E402
+    IGNORE_INDEX,
+    LlamaForCausalLM,
+    LlamaShape,
+    conversation_text,
+    count_parameters,
+    encode_suffix,
+    save_hf_directory,
+    shared_prefix_text,
+    train_tokenizer,
+)
+
+TOKENIZER_SAMPLE = 40_000
+PREFIX_REPEATS_FOR_TOKENIZER = 20
+WARMUP_STEPS = 50
+FINAL_LR_FRACTION = 0.1
+LOG_EVERY = 20
+LENGTH_BUCKET_BATCHES = 4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="JSONL from make_demo_data.py")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--time-budget-min", type=float, default=60.0)
+    parser.add_argument("--checkpoint-every-min", type=float, default=5.0)
+    parser.add_argument("--max-conversations", type=int, default=40_000, help="0 = all")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16 = autocast; pays off only with AMX / AVX512-BF16 or a GPU")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue from a saved model directory (its tokenizer, shape and"
+                             " weights; the optimizer starts fresh)")
+    parser.add_argument("--prefix-refresh-steps", type=int, default=4,
+                        help="recompute the shared prefix's keys/values (without gradient) every"
+                             " N steps; 0 = run it with gradient every step")
+    return parser.parse_args(argv)
+
+
+def load_conversations(path: Path, limit: int) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            records.append(json.loads(line))
+            if limit and len(records) >= limit:
+                break
+    return records
+
+
+def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None) -> tuple:
+    """Tokenized (suffix ids, labels) per conversation; trains the tokenizer unless given."""
+    prefix = shared_prefix_text()
+    texts = [conversation_text(r["messages"]) for r in records]
+    log(f"rendered {len(texts)} conversations")
+    if tokenizer is None:
+        suffixes = [t[len(prefix):] for t in texts[:TOKENIZER_SAMPLE]]
+        tokenizer = train_tokenizer(suffixes + [prefix] * PREFIX_REPEATS_FOR_TOKENIZER, vocab_size)
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
+    examples = [encode_suffix(tokenizer, prefix, t) for t in texts]
+    log(f"tokenizer vocab {tokenizer.get_vocab_size()}, prefix {len(prefix_ids)} tokens,"
+        f" mean suffix {sum(len(e[0]) for e in examples) / len(examples):.1f} tokens")
+    return tokenizer, prefix_ids, examples
+
+
+def load_initial(directory: Path) -> tuple:
+    """(tokenizer, model) from a directory this script wrote."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    config = json.loads((directory / "config.json").read_text())
+    shape = LlamaShape(**{name: config[name] for name in LlamaShape.__dataclass_fields__})
+    model = LlamaForCausalLM(shape)
+    state = load_file(str(directory / "model.safetensors"))
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return Tokenizer.from_file(str(directory / "tokenizer.json")), model
+
+
+def make_batch(examples: list, indices: list[int], pad_id: int):
+    length = max(len(examples[i][0]) for i in indices)
+    ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    for row, i in enumerate(indices):
+        tokens, targets = examples[i]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, : len(targets)] = torch.tensor(targets)
+    return ids, labels
+
+
+def learning_rate(args: argparse.Namespace, step: int, progress: float) -> float:
+    if step < WARMUP_STEPS:
+        return args.lr * (step + 1) / WARMUP_STEPS
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
+
+
+def batch_order(lengths: list[int], batch_size: int, rng: random.Random):
+    """Endless shuffled batches; rows of similar length share a batch to cut padding."""
+    window = batch_size * LENGTH_BUCKET_BATCHES
+    while True:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - window + 1, window):
+            chunk = sorted(order[start: start + window], key=lengths.__getitem__)
+            batches = [chunk[i: i + batch_size] for i in range(0, window, batch_size)]
+            rng.shuffle(batches)
+            yield from batches
+
+
+def train(args: argparse.Namespace) -> dict:
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    records = load_conversations(args.data, args.max_conversations)
+    initial = load_initial(args.init_from) if args.init_from else None
+    tokenizer, prefix_ids, examples = build_examples(
+        records, args.vocab_size, log, initial[0] if initial else None)
+    shape = LlamaShape(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
+                       intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)
+    if initial:
+        shape = initial[1].shape
+    model = initial[1] if initial else LlamaForCausalLM(shape)
+    device = torch.device(args.device)
+    model = model.to(device)
+    log(f"model {count_parameters(model) / 1e6:.2f} M parameters, shape {shape}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if args.precision == "bf16" else contextlib.nullcontext())
+    prefix = torch.tensor(prefix_ids, device=device)
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    batches = batch_order([len(e[0]) for e in examples], args.batch_size,
+                          random.Random(args.seed))
+    budget_s = args.time_budget_min * 60
+    train_started = last_checkpoint = time.monotonic()
+    tokens = supervised = 0
+    prefix_kv = None
+    losses: list[float] = []
+    step = 0
+    for step in range(args.steps):
+        elapsed = time.monotonic() - train_started
+        if elapsed > budget_s:
+            log(f"time budget reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, step, max(step / args.steps, elapsed / budget_s))
+        ids, labels = make_batch(examples, next(batches), pad_id)
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast:
+            if args.prefix_refresh_steps and step % args.prefix_refresh_steps == 0:
+                with torch.no_grad():
+                    prefix_kv = model.prefix_cache(prefix)
+            if args.prefix_refresh_steps:
+                loss = model.loss(ids, labels, prefix_kv=prefix_kv)
+            else:
+                loss = model.loss(ids, labels, prefix)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += ids.numel() + prefix.numel()
+        supervised += int((labels != IGNORE_INDEX).sum())
+        if step % LOG_EVERY == 0 or step == args.steps - 1:
+            rate = tokens / max(time.monotonic() - train_started, 1e-9)
+            log(f"step {step} loss {sum(losses[-LOG_EVERY:]) / len(losses[-LOG_EVERY:]):.4f}"
+                f" lr {optimizer.param_groups[0]['lr']:.2e} tokens {tokens} ({rate:.0f}/s)")
+        if time.monotonic() - last_checkpoint > args.checkpoint_every_min * 60:
+            save_hf_directory(model, tokenizer, args.out)
+            last_checkpoint = time.monotonic()
+            log(f"checkpoint at step {step} -> {args.out}")
+    save_hf_directory(model, tokenizer, args.out)
+    summary = {"steps": len(losses), "final_loss": sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])),
+               "first_loss": losses[0] if losses else None, "tokens": tokens,
+               "supervised_tokens": supervised, "parameters": count_parameters(model),
+               "train_seconds": time.monotonic() - train_started}
+    log(f"done: {json.dumps(summary)}")
+    return {**summary, "losses": losses}
+
+
+if __name__ == "__main__":
+    train(parse_args())

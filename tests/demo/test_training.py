@@ -1,0 +1,146 @@
+"""The demo-model training script: a short run learns, and its checkpoint format is HF Llama."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import demo_model_train_lib as lib  # noqa: E402
+import make_demo_data  # noqa: E402
+import train_demo_model  # noqa: E402
+
+TINY_MODEL_FLAGS = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                    "--intermediate", "128", "--vocab-size", "600"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """50 steps of a tiny model on tiny data (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("demo")
+    data, out = root / "data.jsonl", root / "model"
+    make_demo_data.write_conversations(seed=1, count=300, out=data)
+    old_repeats = train_demo_model.PREFIX_REPEATS_FOR_TOKENIZER
+    train_demo_model.PREFIX_REPEATS_FOR_TOKENIZER = 5
+    try:
+        args = train_demo_model.parse_args([
+            "--data", str(data), "--out", str(out), "--steps", "50", "--threads", "1",
+            "--batch-size", "8", "--lr", "3e-3", "--time-budget-min", "2", *TINY_MODEL_FLAGS])
+        summary = train_demo_model.train(args)
+    finally:
+        train_demo_model.PREFIX_REPEATS_FOR_TOKENIZER = old_repeats
+    return out, summary, data
+
+
+def test_fifty_steps_reduce_the_loss(trained):
+    _, summary, _ = trained
+    losses = summary["losses"]
+    assert len(losses) == 50
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_directory_is_a_hugging_face_llama(trained):
+    out, _, _ = trained
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|im_end|>" and tokenizer_config["bos_token"] is None
+    assert tokenizer_config["add_bos_token"] is False and "chat_template" in tokenizer_config
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert len(generation["eos_token_id"]) == 2
+
+
+def _our_model(out: Path) -> lib.LlamaForCausalLM:
+    from safetensors.torch import load_file
+
+    config = json.loads((out / "config.json").read_text())
+    shape = lib.LlamaShape(**{f: config[f] for f in lib.LlamaShape.__dataclass_fields__})
+    model = lib.LlamaForCausalLM(shape)
+    state = {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_transformers_logits_equal_ours(trained):
+    transformers = pytest.importorskip("transformers")
+    out, _, _ = trained
+    theirs = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ours = _our_model(out)
+    ids = torch.randint(0, ours.shape.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_path_equals_full_sequence(trained):
+    out, _, _ = trained
+    model = _our_model(out)
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, model.shape.vocab_size, (17,), generator=gen)
+    suffix = torch.randint(0, model.shape.vocab_size, (3, 11), generator=gen)
+    full = torch.cat((prefix.expand(3, -1), suffix), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(suffix, prefix_ids=prefix), model(full)[:, 17:],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_tokens_split_cleanly_at_the_shared_prefix(trained):
+    from tokenizers import Tokenizer
+
+    from agentcpu.demo.tasks import generate_tasks, task_messages
+
+    out, _, _ = trained
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    prefix = lib.shared_prefix_text()
+    for task in generate_tasks(9, 20):
+        text = lib.conversation_text(task_messages(task))
+        ids, labels = lib.encode_suffix(tokenizer, prefix, text)
+        prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
+        assert prefix_ids + ids == tokenizer.encode(text, add_special_tokens=False).ids
+        supervised = tokenizer.decode([t for t in labels if t != lib.IGNORE_INDEX],
+                                      skip_special_tokens=False)
+        assert supervised.endswith(task.final_answer + "<|im_end|>")
+        assert "<|im_start|>" not in supervised and "<tool_response>" not in supervised
+
+
+def test_transformers_chat_template_matches_ours(trained):
+    transformers = pytest.importorskip("transformers")
+    from agentcpu.demo.chat_format import render_chat
+    from agentcpu.demo.tasks import TOOL_SCHEMAS, generate_tasks, task_messages
+
+    out, _, _ = trained
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for task in generate_tasks(4, 30):
+        messages = task_messages(task)
+        for cut in range(2, len(messages) + 1):
+            expected = render_chat(messages[:cut], TOOL_SCHEMAS, add_generation_prompt=True)
+            got = tokenizer.apply_chat_template(messages[:cut], tools=TOOL_SCHEMAS, tokenize=False,
+                                                add_generation_prompt=True)
+            assert got == expected
+
+
+def test_cached_prefix_gives_the_same_logits(trained):
+    out, _, _ = trained
+    model = _our_model(out)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, model.shape.vocab_size, (13,), generator=gen)
+    suffix = torch.randint(0, model.shape.vocab_size, (2, 9), generator=gen)
+    with torch.no_grad():
+        cache = model.prefix_cache(prefix)
+        torch.testing.assert_close(model(suffix, prefix_kv=cache), model(suffix, prefix_ids=prefix))
+
+
+def test_init_from_continues_where_training_stopped(trained, tmp_path):
+    out, summary, data = trained
+    args = train_demo_model.parse_args([
+        "--data", str(data), "--out", str(tmp_path / "more"), "--steps", "3", "--threads", "1",
+        "--batch-size", "8", "--lr", "1e-4", "--init-from", str(out), *TINY_MODEL_FLAGS])
+    more = train_demo_model.train(args)
+    assert more["parameters"] == summary["parameters"]
+    assert more["losses"][0] < 0.8 * summary["losses"][0]
