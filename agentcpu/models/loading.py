@@ -75,11 +75,15 @@ def resolve_engine_config(
 
 def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | None]:
     """The filled model and the tokenizer (None when the directory has no tokenizer)."""
+    from agentcpu.quant import apply_quant
+
     if _is_gguf_file(config.model):
-        return _load_gguf(config)
-    model = build_model(config.model_config, config.dtype, config.max_model_len)
-    load_weights(model, iter_safetensors(config.model))
-    return model, load_tokenizer(config.model)
+        model, tokenizer = _load_gguf(config)
+    else:
+        model = build_model(config.model_config, config.dtype, config.max_model_len)
+        load_weights(model, iter_safetensors(config.model))
+        tokenizer = load_tokenizer(config.model)
+    return apply_quant(model, config.quant), tokenizer
 
 
 def _is_gguf_file(model: str | Path) -> bool:
