@@ -1,0 +1,64 @@
+"""`agentcpu serve --model PATH`: the OpenAI-compatible HTTP server (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from agentcpu.commands.engine_args import add_engine_arguments, engine_options
+
+API_KEY_ENV = "AGENTCPU_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="most requests in flight (waiting + running) before answering 429",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id clients use (default: the model directory's name; 'default' also works)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agentcpu.engine.async_engine import AsyncEngine
+    from agentcpu.engine.llm_engine import LLMEngine
+    from agentcpu.hardware.threads import configure_threads
+    from agentcpu.models.loading import resolve_engine_config
+    from agentcpu.server import ServerSettings, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings.for_model(
+        args.served_model_name or Path(args.model).resolve().name,
+        api_key=args.api_key or None,
+        max_queue=args.max_queue,
+    )
+    config = resolve_engine_config(args.model, **engine_options(args))
+    configure_threads(config.threads or None)
+    front = AsyncEngine(LLMEngine(config))
+    try:
+        uvicorn.run(
+            create_app(front, settings), host=args.host, port=args.port, log_level=args.log_level
+        )
+    finally:
+        front.shutdown()
+    return 0
