@@ -13,7 +13,7 @@ API_KEY_ENV = "AGENTCPU_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, model_required=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from agentcpu.server import ServerSettings, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.model is None:  # the embedded demo model: works on a fresh machine, no download
+        from agentcpu.demo.runner import DEMO_MODEL_DIR
+
+        args.model = str(DEMO_MODEL_DIR)
     settings = ServerSettings.for_model(
         args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or None,

@@ -41,6 +41,16 @@ router = APIRouter()
 # Formats whose trigger (`[TOOL_CALLS]`, `<|python_tag|>`) is a special token: their
 # output is decoded with special tokens kept, or the parser would never see the trigger.
 TRIGGERED_BY_SPECIAL_TOKEN = ("mistral", "llama3_json")
+HERMES_TRIGGER = "<tool_call>"  # plain text in Qwen2.5's tokenizer, a special token in others
+
+
+def _trigger_is_special(tokenizer, tool_format: str | None) -> bool:
+    """Whether the format's tool-call markers are special tokens, which decoding would
+    otherwise drop before the parser sees them."""
+    if tool_format in TRIGGERED_BY_SPECIAL_TOKEN:
+        return True
+    token_id = tokenizer.token_to_id(HERMES_TRIGGER) if tool_format == "hermes" else None
+    return token_id is not None and token_id in tokenizer.special_token_ids
 
 
 @dataclass
@@ -122,7 +132,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
     ]
     tool_format = _tool_format(state, tools, tool_choice)
     stop_texts = None
-    if tool_format in TRIGGERED_BY_SPECIAL_TOKEN:
+    if _trigger_is_special(state.tokenizer, tool_format):
         for p in params:
             p.skip_special_tokens = False
         stop_texts = _stop_texts(state, params[0])
