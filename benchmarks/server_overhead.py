@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP parser"
     )
+    p.add_argument("--served-first", action="store_true", help="run the served pass first")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     return p.parse_args(argv)
 
@@ -234,12 +235,12 @@ def main(argv=None) -> int:
     engine = LLMEngine(config)
     timer = StepTimer(engine)
     run_direct(engine, argparse.Namespace(**{**vars(args), "max_tokens": 4}), timer)  # warm-up
-    direct = run_direct(engine, args, timer)
-    print(
-        f"direct: {direct['step_ms_mean']:.1f} ms/step, {direct['tokens_per_s']:.0f} tok/s",
-        file=sys.stderr,
-    )
-    served = run_served(engine, args, timer)
+    if args.served_first:  # to see whether the order, not the HTTP layer, moves step times
+        served = run_served(engine, args, timer)
+        direct = run_direct(engine, args, timer)
+    else:
+        direct = run_direct(engine, args, timer)
+        served = run_served(engine, args, timer)
     report = {
         "command": "python benchmarks/server_overhead.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
