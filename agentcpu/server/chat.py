@@ -91,8 +91,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state.check_model(body.model)
     plan = await plan_chat(state, body)
     ticket = state.admission.admit(len(plan.params))
+    session = session_id(request, body, plan)
     streams = [
-        engine_stream(state, plan.prompt, params, f"{plan.id}-{i}", arrival, constraint)
+        engine_stream(
+            state, plan.prompt, params, f"{plan.id}-{i}", arrival, constraint, session if i == 0 else None
+        )
         for i, (params, constraint) in enumerate(zip(plan.params, plan.constraints, strict=True))
     ]
     merged = merge_streams(streams)
@@ -110,6 +113,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 
 # ---- planning -------------------------------------------------------------------------
+
+
+SESSION_HEADER = "x-session-id"
+
+
+def session_id(request: Request, body: ChatCompletionRequest, plan: ChatPlan) -> str | None:
+    """The agent session whose KV this turn keeps: the X-Session-Id header, else the
+    `session_id` or `user` field. A tool-using request without one still pins its KV under
+    its own id (released by TTL or memory pressure), so plain OpenAI clients running an
+    agent loop keep their history cached through the tool pause."""
+    named = request.headers.get(SESSION_HEADER) or body.session_id or body.user
+    if named:
+        return f"s:{named}"
+    return f"anon:{plan.id}" if plan.tools else None
 
 
 async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:

@@ -78,12 +78,15 @@ async def engine_stream(
     request_id: str,
     arrival: float,
     constraint=None,
+    session_id: str | None = None,
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request, recording TTFT, inter-token latency, tokens."""
+    """The engine's outputs for one request, recording TTFT, inter-token latency, tokens.
+    With a `session_id` the engine pins the request's KV for the session's next turn."""
     metrics = state.metrics
     last, out, reason = None, None, "abort"
+    stream = state.front.generate(prompt, params, request_id, constraint, session_id=session_id)
     try:
-        async with aclosing(state.front.generate(prompt, params, request_id, constraint)) as outs:
+        async with aclosing(stream) as outs:
             async for out in outs:
                 now = time.perf_counter()
                 if last is None:

@@ -161,6 +161,11 @@ class SamplingFields(_Model):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(default=None, description="not supported")
     user: str | None = None
+    session_id: str | None = Field(
+        default=None,
+        max_length=256,
+        description="agent session: its KV is kept between turns (also: X-Session-Id header, or `user`)",
+    )
     # vLLM-style extras
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
