@@ -23,6 +23,8 @@ from agentcpu.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+IDLE_POLL_S = 1.0  # how often an idle engine thread wakes to expire session pins
+
 
 @dataclass
 class _Stream:
@@ -98,8 +100,9 @@ class AsyncEngine:
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_unfinished():
-                self._wakeup.wait()
+                self._wakeup.wait(timeout=IDLE_POLL_S)
                 self._wakeup.clear()
+                self.engine.kv.pins.expire()  # pins age out while nothing runs too
                 continue
             try:
                 outputs = self.engine.step()

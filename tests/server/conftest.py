@@ -68,10 +68,13 @@ class LiveServer:
         return self.front.call(fn).result(timeout)
 
     def wait_idle(self, timeout: float = 30) -> tuple[int, bool]:
-        """Poll until no request is unfinished and no KV block is in use."""
+        """Poll until no request is unfinished and no KV block is held by a request
+        (blocks pinned for finished sessions' next turns do not count)."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.engine(lambda e: (e.kv.pool.num_used, e.has_unfinished()))
+            state = self.engine(
+                lambda e: (e.kv.pool.num_used - e.kv.pins.num_pinned_blocks, e.has_unfinished())
+            )
             if state == (0, False) or time.monotonic() > deadline:
                 return state
             time.sleep(0.02)
