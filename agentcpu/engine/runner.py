@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from agentcpu.engine.request import Request
-from agentcpu.engine.sampler import SampleResult, SampleRow, Sampler
+from agentcpu.engine.sampler import Sampler, SampleResult, SampleRow
 from agentcpu.engine.scheduler import ScheduledRequest
 from agentcpu.layers.attention import AttentionMetadata, PrefillChunk
 

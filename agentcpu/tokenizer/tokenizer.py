@@ -21,6 +21,7 @@ from agentcpu.tokenizer.chat_template import (
     prepare_tools,
 )
 
+
 def _token_content(value: Any) -> str | None:
     """A token as tokenizer_config.json writes it: a string or a serialized AddedToken."""
     if isinstance(value, str):

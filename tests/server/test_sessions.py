@@ -5,8 +5,6 @@ from __future__ import annotations
 import httpx
 
 
-
-
 def _pins(server):
     return server.front.call(lambda e: dict(e.kv.pins.pins)).result(10)
 

@@ -10,6 +10,7 @@ from agentcpu.tokenizer import Tokenizer
 from tests.tokenizer.fixtures import KINDS, make_bpe_tokenizer_dir, make_metaspace_tokenizer_dir
 from tests.tokenizer.templates import LLAMA3_1_TEMPLATE, QWEN2_5_TEMPLATE
 
+
 def _build(kind: str, path: Path) -> Path:
     if kind == "qwen2.5":
         return make_bpe_tokenizer_dir(path, QWEN2_5_TEMPLATE, style="qwen2.5")

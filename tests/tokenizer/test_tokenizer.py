@@ -11,8 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from agentcpu.errors import InvalidRequestError, ModelLoadError
 from agentcpu.tokenizer import Tokenizer
-from tests.tokenizer.fixtures import KINDS
-from tests.tokenizer.fixtures import make_bpe_tokenizer_dir
+from tests.tokenizer.fixtures import KINDS, make_bpe_tokenizer_dir
 
 PARITY = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
