@@ -124,8 +124,25 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def end_session(self, session_id: str) -> bool:
-        """Release a session's pinned KV now. False if nothing was pinned."""
-        return self.kv.pins.unpin(session_id) is not None
+        """Release a session's pinned KV now and forget it. False if it was unknown."""
+        return self.kv.pins.forget(session_id)
+
+    def session_info(self, session_id: str) -> dict | None:
+        """Turns, last activity, tokens cached and KV bytes pinned for a session."""
+        info = self.kv.pins.sessions.get(session_id)
+        if info is None:
+            return None
+        pin = self.kv.pins.pins.get(session_id)
+        block_bytes = self.kv_pool[:, :, : self.kv.block_size].numel() * self.kv_pool.element_size()
+        return {
+            "id": session_id,
+            "turns": info.turns,
+            "last_activity": info.last_activity,
+            "tokens_cached": pin.num_tokens if pin else 0,
+            "kv_bytes_pinned": len(pin.blocks) * block_bytes if pin else 0,
+            "pin_expires_in_s": max(0.0, pin.expires_at - self.kv.pins.clock()) if pin else 0.0,
+            "prefix_tokens_saved": info.cached_tokens_saved,
+        }
 
     # ---- the step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -84,6 +84,7 @@ class KVCacheManager:
         if request.session_id is not None and request.session_id in self.pins.pins:
             self.pins.unpin(request.session_id)  # the session is back: its request holds them
             self.pins.stats.resumed += 1
+            self.pins.resumed(request.session_id, len(hits) * self.block_size)
         return True
 
     def pin_session(self, request: Request, ttl_s: float) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from agentcpu.kvcache.block_pool import BlockPool
 
+MAX_TRACKED_SESSIONS = 10_000  # session records kept for GET /v1/sessions/{id}
+
 
 @dataclass
 class Pin:
@@ -24,6 +26,15 @@ class Pin:
     pinned_at: float
     expires_at: float
     num_tokens: int
+
+
+@dataclass
+class SessionInfo:
+    """What a session has used: turns pinned, when it was last active, tokens cached."""
+
+    turns: int = 0
+    last_activity: float = 0.0
+    cached_tokens_saved: int = 0
 
 
 @dataclass
@@ -43,12 +54,15 @@ class SessionPins:
         self.budget_blocks = budget_blocks
         self.clock = clock
         self.pins: OrderedDict[str, Pin] = OrderedDict()  # oldest first
+        self.sessions: OrderedDict[str, SessionInfo] = OrderedDict()  # bounded, LRU
+        self.max_sessions = MAX_TRACKED_SESSIONS
         self.num_pinned_blocks = 0
         self.stats = PinStats()
 
     def pin(self, session_id: str, blocks: list[int], ttl_s: float) -> Pin | None:
         """Pin `blocks` (computed, full, published) for `session_id`, replacing its old pin."""
         self.unpin(session_id)
+        self._touch(session_id).turns += 1
         if not blocks or ttl_s <= 0 or len(blocks) > self.budget_blocks:
             return None
         while self.num_pinned_blocks + len(blocks) > self.budget_blocks and self.pins:
@@ -61,6 +75,23 @@ class SessionPins:
         self.num_pinned_blocks += len(blocks)
         self.stats.pinned += 1
         return pin
+
+    def resumed(self, session_id: str, cached_tokens: int) -> None:
+        """The session's next turn started with `cached_tokens` served from cache."""
+        self._touch(session_id).cached_tokens_saved += cached_tokens
+
+    def forget(self, session_id: str) -> bool:
+        """End a session: release its pin and drop its record. False if unknown."""
+        pinned = self.unpin(session_id) is not None
+        return self.sessions.pop(session_id, None) is not None or pinned
+
+    def _touch(self, session_id: str) -> SessionInfo:
+        info = self.sessions.pop(session_id, None) or SessionInfo()
+        info.last_activity = time.time()
+        self.sessions[session_id] = info
+        while len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+        return info
 
     def unpin(self, session_id: str) -> Pin | None:
         pin = self.pins.pop(session_id, None)

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 import agentcpu
 from agentcpu.engine.async_engine import AsyncEngine
-from agentcpu.server import chat, completions, meta, tooling
+from agentcpu.server import chat, completions, meta, sessions, tooling
 from agentcpu.server.auth import APIKeyMiddleware
 from agentcpu.server.errors import install_error_handlers
 from agentcpu.server.metrics import ServerMetrics
@@ -39,7 +39,7 @@ def create_app(front: AsyncEngine, settings: ServerSettings | None = None) -> Fa
         admission=Admission(settings.max_queue, settings.retry_after_s, metrics),
         tool_format=tooling.detect_tool_format(tokenizer.chat_template if tokenizer else None),
     )
-    for module in (chat, completions, meta):
+    for module in (chat, completions, meta, sessions):
         app.include_router(module.router)
     install_error_handlers(app)
     install_openapi(app, settings.served_model_names, bearer_auth=settings.api_key is not None)

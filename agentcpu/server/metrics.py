@@ -70,6 +70,26 @@ class ServerMetrics:
         self._gauge(
             "prefix_cache_hit_rate", "share of prompt tokens served from the prefix cache"
         ).set_function(lambda: _hit_rate(engine))
+        pins = engine.kv.pins
+        self._gauge("session_pinned_kv_blocks", "KV blocks pinned for sessions waiting on tools").set_function(
+            lambda: pins.num_pinned_blocks
+        )
+        self._gauge("session_pins", "sessions whose KV is pinned").set_function(lambda: len(pins.pins))
+        self._gauge("session_resumes", "turns that found their session's pinned KV").set_function(
+            lambda: pins.stats.resumed
+        )
+        self._gauge("session_pins_released_pressure", "pins released under memory pressure").set_function(
+            lambda: pins.stats.released_pressure
+        )
+        self._gauge("session_prefix_tokens_saved", "prompt tokens sessions found cached").set_function(
+            lambda: sum(s.cached_tokens_saved for s in pins.sessions.values())
+        )
+        self._gauge("kv_spilled_blocks", "KV blocks written to the disk spill store").set_function(
+            lambda: engine.kv.spill.spilled_blocks if engine.kv.spill else 0
+        )
+        self._gauge("kv_restored_blocks", "KV blocks restored from the disk spill store").set_function(
+            lambda: engine.kv.spill.restored_blocks if engine.kv.spill else 0
+        )
 
     def record_finished(self, finish_reason: str | None, num_prompt_tokens: int) -> None:
         self.finished.labels(finish_reason=finish_reason or "unknown").inc()

@@ -33,3 +33,22 @@ def test_session_id_too_long_is_400(server):
     body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "session_id": "x" * 300}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and "session_id" in r.text
+
+
+def test_get_and_delete_session(server):
+    url = f"{server.url}/v1/chat/completions"
+    body = {"model": "default", "messages": [{"role": "user", "content": "tell " * 60}], "max_tokens": 3}
+    for _ in range(2):
+        assert httpx.post(url, json=body, headers={"X-Session-Id": "inspect-me"}, timeout=60).status_code == 200
+    info = httpx.get(f"{server.url}/v1/sessions/inspect-me", timeout=30).json()
+    assert info["id"] == "inspect-me" and info["turns"] == 2
+    assert info["tokens_cached"] >= 48 and info["kv_bytes_pinned"] > 0
+    assert info["prefix_tokens_saved"] >= 48
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "agentcpu_session_pinned_kv_blocks" in metrics
+    gone = httpx.delete(f"{server.url}/v1/sessions/inspect-me", timeout=30)
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    assert "s:inspect-me" not in _pins(server)
+    missing = httpx.get(f"{server.url}/v1/sessions/inspect-me", timeout=30)
+    assert missing.status_code == 404 and "inspect-me" in missing.json()["error"]["message"]
+    assert httpx.delete(f"{server.url}/v1/sessions/nobody", timeout=30).status_code == 404
