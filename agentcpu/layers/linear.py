@@ -8,6 +8,7 @@ replaces this module with one of the same call signature (see `quant/`).
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,26 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.dtype != torch.bfloat16 or x.shape[0] == 1 or native_bf16_matmul():
         return F.linear(x, weight, bias)
     wide_bias = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+    return F.linear(x.float(), _widened(weight), wide_bias).to(x.dtype)
+
+
+class _WideningScratch(threading.local):
+    """One fp32 buffer per thread, grown to the largest weight seen and reused, so
+    widening does not map fresh pages (page faults cost as much as the copy)."""
+
+    buffer: torch.Tensor | None = None
+
+
+_SCRATCH = _WideningScratch()  # the module's one piece of state: a per-thread scratch
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    n = weight.numel()
+    if _SCRATCH.buffer is None or _SCRATCH.buffer.numel() < n:
+        _SCRATCH.buffer = torch.empty(n, dtype=torch.float32)
+    wide = _SCRATCH.buffer[:n].view(weight.shape)
+    wide.copy_(weight)
+    return wide
 
 
 def copy_checked(target: torch.Tensor, tensor: torch.Tensor, source: str) -> None:
