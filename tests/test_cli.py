@@ -1,0 +1,48 @@
+"""The CLI end to end: the commands a new user runs first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from agentcpu.cli import main
+from agentcpu.demo.runner import DEMO_MODEL_DIR
+
+
+def _agentcpu(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agentcpu.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_runs_agents_on_the_embedded_model():
+    result = _agentcpu("demo", "--tasks", "4", "--concurrency", "4", "--min-success", "0", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "success" in result.stdout and "of 4 tasks" in result.stdout
+    assert "prompt tokens from cache" in result.stdout
+
+
+def test_demo_exits_nonzero_below_the_threshold():
+    result = _agentcpu("demo", "--tasks", "2", "--min-success", "1.01", "--dtype", "float32")
+    assert result.returncode == 1
+
+
+def test_generate_streams_and_reports(capsys):
+    code = main(["generate", "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos", "--dtype", "float32",
+                 "--model", str(DEMO_MODEL_DIR)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "5 generated" in captured.err
+
+
+def test_bad_model_path_is_a_clear_error(capsys, tmp_path):
+    code = main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_doctor_json(capsys):
+    assert main(["doctor", "--json", "--quick"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["bandwidth_gbs"] > 0 and report["threads"] >= 1
