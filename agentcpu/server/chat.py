@@ -65,11 +65,10 @@ class ChatPlan:
     constraints: list
     tools: list[dict] | None
     tool_format: str | None  # None: no tool-call parsing
-    stop_texts: dict[int, str] | None  # set when special tokens are kept in the text
 
     def choice_outputs(self, parallel_tool_calls: bool) -> list[ChatChoiceOutput]:
         return [
-            ChatChoiceOutput(self._parser(), parallel_tool_calls, self.stop_texts)
+            ChatChoiceOutput(self._parser(), parallel_tool_calls)
             for _ in self.params
         ]
 
@@ -148,11 +147,9 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         sampling_params(body, max_tokens=max_tokens, logprobs=top, choice=i) for i in range(body.n)
     ]
     tool_format = _tool_format(state, tools, tool_choice)
-    stop_texts = None
     if _trigger_is_special(state.tokenizer, tool_format):
         for p in params:
             p.skip_special_tokens = False
-        stop_texts = _stop_texts(state, params[0])
     constraints = await _constraints(state, body, tools, tool_choice, tool_format)
     return ChatPlan(
         id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -163,13 +160,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         constraints=constraints,
         tools=tools,
         tool_format=tool_format,
-        stop_texts=stop_texts,
     )
-
-
-def _stop_texts(state: ServerState, params: SamplingParams) -> dict[int, str]:
-    ids = set(state.engine.eos_token_ids) | set(params.stop_token_ids)
-    return {i: state.tokenizer.decode([i], skip_special_tokens=False) for i in ids}
 
 
 def _tool_choice(body: ChatCompletionRequest, tools: list[dict] | None) -> str | dict:

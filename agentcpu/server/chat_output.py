@@ -32,35 +32,22 @@ def tool_call_json(call) -> dict:
 class ChatChoiceOutput:
     """`parser` None: all text is content. `parallel_tool_calls` False keeps the first call.
 
-    `stop_texts` (token id -> text) is given when the output is decoded with special
-    tokens kept (a tool format whose trigger is a special token): the EOS / stop token
-    that ended the output is then cut from its text, as it would have been skipped.
+    The EOS / stop token that ends an output never reaches its text (the engine leaves
+    it out), also when special tokens are kept for a tool format.
     """
 
-    def __init__(
-        self, parser, parallel_tool_calls: bool = True, stop_texts: dict[int, str] | None = None
-    ):
+    def __init__(self, parser, parallel_tool_calls: bool = True):
         self.parser = parser
         self.max_calls = None if parallel_tool_calls else 1
-        self.stop_texts = stop_texts
         self.content_sent = ""
         self.calls_sent: dict[int, str] = {}  # index -> arguments sent so far
         self.made_tool_calls = False
 
     # -- non-streamed ---------------------------------------------------------------
 
-    def visible_text(self, out: RequestOutput, text: str) -> str:
-        """`text` (the output's whole text or its last delta) without the stop token."""
-        if self.stop_texts is None or not out.finished or out.finish_reason != "stop":
-            return text
-        if isinstance(out.stop_reason, str) or not out.token_ids:
-            return text
-        suffix = self.stop_texts.get(out.token_ids[-1])
-        return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
-
     def complete(self, out: RequestOutput) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of a whole output."""
-        text = self.visible_text(out, out.text)
+        text = out.text
         if self.parser is None:
             return text, []
         if text:
@@ -75,7 +62,7 @@ class ChatChoiceOutput:
 
     def delta(self, out: RequestOutput) -> dict:
         """The OpenAI `delta` for this output (empty when there is nothing new)."""
-        text = self.visible_text(out, out.delta_text)
+        text = out.delta_text
         if self.parser is None:
             return {"content": text} if text else {}
         content, calls = "", []

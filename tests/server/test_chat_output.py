@@ -117,16 +117,3 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 def test_text_without_calls_is_a_string_never_null():
     output = ChatChoiceOutput(_ScriptedParser([], _Parsed(None, [])))
     assert output.complete(_out("", finished=True, reason="stop")) == ("", [])
-
-
-def test_kept_stop_token_is_cut_only_when_it_ended_the_output():
-    stop_texts = {7: "</s>"}
-    output = ChatChoiceOutput(None, stop_texts=stop_texts)
-    assert output.delta(_out("hi</s>", True, tokens=(3, 7), reason="stop")) == {"content": "hi"}
-    assert output.delta(_out("hi</s>", True, tokens=(3, 7), reason="length")) == {
-        "content": "hi</s>"
-    }
-    assert output.delta(_out("hi</s>", True, tokens=(3, 7), reason="stop", stop_reason="x")) == {
-        "content": "hi</s>"
-    }
-    assert output.delta(_out("hi</s>", False, tokens=(3, 7))) == {"content": "hi</s>"}
