@@ -97,12 +97,12 @@ class AgentLoop:
         yield AgentEvent("final", self.max_turns - 1, {"content": run.final_text, "max_turns": True})
 
     async def _model_turn(self, run, tools, params, session_id, turn, reply):
-        from agentcpu.tools.parsers import ToolCallParser
+        from agentcpu.tools.parsers import ToolCallParser, tool_markers_are_special
 
         prompt = self.tokenizer.apply_chat_template(run.messages, tools=tools, add_generation_prompt=True)
         prompt_ids = self.tokenizer.encode(prompt)
         parser = ToolCallParser(self.tool_format, tools) if self.tool_format else None
-        if parser is not None:  # tool-call markers may be special tokens: keep them visible
+        if tool_markers_are_special(self.tokenizer, self.tool_format):  # keep them visible
             params = dataclasses.replace(params, skip_special_tokens=False)
         out = None
         async for out in self.engine.generate(

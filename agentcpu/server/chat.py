@@ -35,22 +35,12 @@ from agentcpu.server.logprobs import chat_logprobs
 from agentcpu.server.openapi import ENDPOINT_RESPONSES
 from agentcpu.server.protocol import ChatCompletionRequest, ChatCompletionResponse
 from agentcpu.server.state import ServerState, get_state
+from agentcpu.tools.parsers import tool_markers_are_special
 
 router = APIRouter()
 
 # Formats whose trigger (`[TOOL_CALLS]`, `<|python_tag|>`) is a special token: their
 # output is decoded with special tokens kept, or the parser would never see the trigger.
-TRIGGERED_BY_SPECIAL_TOKEN = ("mistral", "llama3_json")
-HERMES_TRIGGER = "<tool_call>"  # plain text in Qwen2.5's tokenizer, a special token in others
-
-
-def _trigger_is_special(tokenizer, tool_format: str | None) -> bool:
-    """Whether the format's tool-call markers are special tokens, which decoding would
-    otherwise drop before the parser sees them."""
-    if tool_format in TRIGGERED_BY_SPECIAL_TOKEN:
-        return True
-    token_id = tokenizer.token_to_id(HERMES_TRIGGER) if tool_format == "hermes" else None
-    return token_id is not None and token_id in tokenizer.special_token_ids
 
 
 @dataclass
@@ -147,7 +137,7 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
         sampling_params(body, max_tokens=max_tokens, logprobs=top, choice=i) for i in range(body.n)
     ]
     tool_format = _tool_format(state, tools, tool_choice)
-    if _trigger_is_special(state.tokenizer, tool_format):
+    if tool_markers_are_special(state.tokenizer, tool_format):
         for p in params:
             p.skip_special_tokens = False
     constraints = await _constraints(state, body, tools, tool_choice, tool_format)

@@ -36,6 +36,20 @@ CALL_ID_HEX_BYTES = 12
 _WHITESPACE = " \t\r\n"
 
 
+# formats whose markers are special tokens in their model families' tokenizers; Hermes'
+# <tool_call> is plain text in Qwen2.5's tokenizer but special in others (the demo model's)
+TRIGGERED_BY_SPECIAL_TOKEN = ("mistral", "llama3_json")
+
+
+def tool_markers_are_special(tokenizer, tool_format: str | None) -> bool:
+    """Whether the format's tool-call markers are special tokens, which decoding would
+    otherwise drop before the parser sees them."""
+    if tool_format in TRIGGERED_BY_SPECIAL_TOKEN:
+        return True
+    token_id = tokenizer.token_to_id(HERMES_OPEN) if tool_format == "hermes" else None
+    return token_id is not None and token_id in tokenizer.special_token_ids
+
+
 def detect_tool_format(chat_template: str | None) -> str | None:
     """The tool-call format a chat template teaches its model, or None if it has none."""
     if not chat_template:

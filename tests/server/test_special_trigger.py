@@ -1,8 +1,8 @@
 """Tool-call markers that are special tokens must survive decoding for the parser."""
 
 from agentcpu.demo.runner import DEMO_MODEL_DIR
-from agentcpu.server.chat import _trigger_is_special
 from agentcpu.tokenizer import Tokenizer
+from agentcpu.tools.parsers import tool_markers_are_special as _trigger_is_special
 from tests.tokenizer.fixtures import make_bpe_tokenizer_dir
 
 
