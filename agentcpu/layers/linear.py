@@ -7,7 +7,6 @@ replaces this module with one of the same call signature (see `quant/`).
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentcpu.errors import ModelLoadError
+from agentcpu.hardware.native_build import native_bf16_matmul
+from agentcpu.layers.bf16_kernel import bf16_kernel
 
 
 class Linear(nn.Module):
@@ -53,24 +54,22 @@ class Linear(nn.Module):
         return dense_linear(x, self.weight, self.bias)
 
 
-@functools.cache
-def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX / AVX-512 BF16, or Arm
-    BF16). Without it PyTorch's bf16 GEMM falls back to a slow reference loop (measured
-    on an AVX2-only EPYC: 1 GFLOPS at 8 rows vs 27 for fp32), while its bf16 GEMV (one
-    row) still streams the weights at full bandwidth."""
-    from agentcpu.hardware.cpu_features import detect_cpu
-
-    cpu = detect_cpu()
-    return cpu.amx_bf16 or cpu.avx512_bf16 or (cpu.arch == "aarch64" and cpu.bf16)
+# Up to this many rows the compiled small-batch kernel beats widening the weight to
+# fp32 for one MKL GEMM (batched decode); prefill chunks take the widening path.
+SMALL_BATCH_MAX_ROWS = 32
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias. bf16 weights with more than one row on a CPU without native
-    bf16 GEMM are widened to fp32 for the product: the conversion costs one pass over
-    the weights, the fp32 GEMM then runs at full speed."""
-    if weight.dtype != torch.bfloat16 or x.shape[0] == 1 or native_bf16_matmul():
+    """x @ weight.T + bias. Where the CPU has no native bf16 GEMM, a bf16 weight with
+    more than one row goes to the compiled small-batch kernel (weights read once, fp32
+    FMAs; `csrc/bf16_linear.cpp`) or, for bigger batches, is widened to fp32 for the
+    product: the conversion costs one pass over the weights, the fp32 GEMM then runs at
+    full speed."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if weight.dtype != torch.bfloat16 or rows <= 1 or native_bf16_matmul():
         return F.linear(x, weight, bias)
+    if rows <= SMALL_BATCH_MAX_ROWS and (kernel := bf16_kernel()) is not None:
+        return kernel.bf16_linear_small_batch(x, weight, bias)
     wide_bias = None if bias is None else bias.float()
     return F.linear(x.float(), _widened(weight), wide_bias).to(x.dtype)
 
