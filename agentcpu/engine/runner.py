@@ -93,6 +93,7 @@ class ModelRunner:
             padded[i, : len(c)] = c
         meta.num_decode = len(contexts)
         meta.decode_slots = padded
+        meta.decode_lens = lengths
         mask = torch.arange(max_len)[None, :] < lengths[:, None]
         meta.decode_mask = mask[:, None, None, :]
 

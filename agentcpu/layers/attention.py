@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from agentcpu.layers.fused_ops import fused_for
+
 
 @dataclass
 class PrefillChunk:
@@ -33,6 +35,7 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode, max_context] (padded)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context] True = attend
+    decode_lens: torch.Tensor | None = None  # [num_decode] int64 context length
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -58,6 +61,8 @@ def paged_attention(
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if meta.decode_lens is not None and (ops := fused_for(q)) is not None:
+        return ops.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
     values = v_cache[meta.decode_slots].transpose(1, 2)
     out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask, False, scale)  # [B, H, 1, D]

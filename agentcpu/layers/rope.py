@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from agentcpu.layers.fused_ops import fused_for
+
 
 def _default_inv_freq(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -107,6 +109,11 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k); the compiled op rotates them in place (they are fresh views of
+        the step's qkv projection) where it handles the dtype."""
+        if q.dtype == self.cos_sin.dtype == k.dtype and (ops := fused_for(q)) is not None:
+            ops.rope_inplace(q, k, self.cos_sin, positions)
+            return q, k
         cos = self.cos_sin[0, positions].unsqueeze(1)
         sin = self.cos_sin[1, positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

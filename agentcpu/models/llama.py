@@ -13,6 +13,7 @@ from torch import nn
 
 from agentcpu.config import ModelConfig
 from agentcpu.layers.attention import AttentionMetadata, paged_attention
+from agentcpu.layers.fused_ops import fused_for
 from agentcpu.layers.linear import Linear, dense_linear
 from agentcpu.layers.norm import RMSNorm
 from agentcpu.layers.rope import RotaryEmbedding
@@ -73,7 +74,10 @@ class MLP(nn.Module):
         self.intermediate = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (ops := fused_for(gate_up)) is not None:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

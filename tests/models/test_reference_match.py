@@ -61,9 +61,12 @@ def test_fp32_greedy_matches_generate(checkpoint_dir, family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_top1_agrees(checkpoint_dir, family):
     """bf16 against the reference run in bf16 (>= 99 %) and in fp32 (>= 95 %: tiny random
-    models have many near-tied logits, which bf16 rounding legitimately flips)."""
+    models have many near-tied logits, which bf16 rounding legitimately flips). Twelve
+    prompts: a fused op that sums in another order flips a bf16 rounding now and then,
+    which on 4 prompts alone moved qwen3 from 99.6 to 98.8 % (at 24 prompts fused and
+    unfused agree with the fp32 reference equally, 98.1 vs 98.2 %)."""
     path = checkpoint_dir(family)
-    prompts = [_prompt(512, seed=s) for s in range(4)]
+    prompts = [_prompt(512, seed=s) for s in range(12)]
     ref32, ref16 = load_reference(path), load_reference(path, torch.bfloat16)
     engine = _engine(path, dtype="bfloat16")
     agree16 = agree32 = total = 0

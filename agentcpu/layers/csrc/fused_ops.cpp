@@ -1,0 +1,224 @@
+// Fused decoder ops for the decode step, where each PyTorch op costs more in dispatch
+// than in arithmetic (one token per sequence): RMSNorm, rotary embedding (in place),
+// SiLU-and-multiply, and attention of one query token per sequence over its paged KV
+// slots (no gather, no GQA repeat, no padding mask).
+//
+// Every op computes in fp32 and rounds to the tensor dtype exactly where the PyTorch /
+// Hugging Face reference does (e.g. RMSNorm rounds the normalized row before the weight
+// multiply), so bf16 results match the unfused layers bit for bit up to summation order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+
+// Round through the storage type (identity for fp32).
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, rows >= 16 ? 4 : rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = xp + r * D;
+      float ss = 0.f;
+      for (int64_t i = 0; i < D; ++i) ss += to_f(row[i]) * to_f(row[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+      T* o = op + r * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(to_f(wp[i]) * round_to<T>(to_f(row[i]) * inv));
+    }
+  });
+}
+
+// x: rows of [heads, D] at stride (row_stride, head_stride), last dim contiguous.
+template <typename T>
+void rope_rows(T* x, int64_t tokens, int64_t heads, int64_t D, int64_t row_stride,
+               int64_t head_stride, const T* cos_sin, int64_t table_len, const int64_t* pos) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, tokens, tokens >= 16 ? 4 : tokens, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* c = cos_sin + pos[t] * D;
+      const T* s = cos_sin + (table_len + pos[t]) * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = x + t * row_stride + h * head_stride;
+        for (int64_t i = 0; i < D; ++i) buf[i] = to_f(v[i]);
+        for (int64_t i = 0; i < D; ++i) {
+          const float rot = i < half ? -buf[i + half] : buf[i - half];
+          v[i] = static_cast<T>(round_to<T>(buf[i] * to_f(c[i])) + round_to<T>(rot * to_f(s[i])));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), I = out.size(1);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, rows >= 16 ? 4 : rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gp + r * 2 * I;
+      const T* u = g + I;
+      T* o = op + r * I;
+      for (int64_t i = 0; i < I; ++i) {
+        const float gv = to_f(g[i]);
+        o[i] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * to_f(u[i]));
+      }
+    }
+  });
+}
+
+// One query token per sequence: out[b, h] = softmax(q[b, h] . K[slots[b, :len_b]]) V.
+template <typename T>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& slots, const at::Tensor& lens, double scale,
+                           at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_cache.size(1), G = H / KVH, L = slots.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t q_row = q.stride(0), q_head = q.stride(1);
+  at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * D), scores(G * L), acc(G * D);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / KVH, kh = item % KVH, len = lp[b];
+      const int64_t* sl = sp + b * L;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i)
+          qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
+      for (int64_t l = 0; l < len; ++l) {
+        const T* key = kp + (sl[l] * KVH + kh) * D;
+        float kf[512];
+        for (int64_t i = 0; i < D; ++i) kf[i] = to_f(key[i]);
+        for (int64_t g = 0; g < G; ++g) {
+          float dot = 0.f;
+          const float* qg = qf.data() + g * D;
+          for (int64_t i = 0; i < D; ++i) dot += qg[i] * kf[i];
+          scores[g * L + l] = dot;
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> denom(G, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * L;
+        const float mx = *std::max_element(sc, sc + len);
+        for (int64_t l = 0; l < len; ++l) {
+          sc[l] = std::exp(sc[l] - mx);
+          denom[g] += sc[l];
+        }
+      }
+      for (int64_t l = 0; l < len; ++l) {
+        const T* val = vp + (sl[l] * KVH + kh) * D;
+        float vf[512];
+        for (int64_t i = 0; i < D; ++i) vf[i] = to_f(val[i]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * L + l];
+          float* a = acc.data() + g * D;
+          for (int64_t i = 0; i < D; ++i) a[i] += p * vf[i];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* o = op + (b * H + kh * G + g) * D;
+        const float inv = 1.f / denom[g];
+        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[g * D + i] * inv);
+      }
+    }
+  });
+}
+
+void check_float_or_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be fp32 or bf16");
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_float_or_bf16(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype must match x");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "weight has ", weight.numel(), " elements, rows have ", D);
+  const at::Tensor x2 = x.reshape({-1, D}).contiguous();
+  at::Tensor out = at::empty_like(x2);
+  if (x.scalar_type() == at::kFloat) rms_norm_impl<float>(x2, weight.contiguous(), eps, out);
+  else rms_norm_impl<at::BFloat16>(x2, weight.contiguous(), eps, out);
+  return out.view(x.sizes());
+}
+
+// In place on q [T, H, D] and k [T, KVH, D] (views with contiguous last dim, e.g. slices
+// of a fused qkv output); cos_sin [2, P, D] in the same dtype; positions int64 [T].
+void rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_sin, const at::Tensor& positions) {
+  check_float_or_bf16(q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && cos_sin.scalar_type() == q.scalar_type(),
+              "q, k and the cos/sin table must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "q and k need a contiguous last dim");
+  TORCH_CHECK(cos_sin.is_contiguous() && cos_sin.size(2) == q.size(2), "bad cos/sin table");
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const int64_t T = q.size(0), D = q.size(2), P = cos_sin.size(1);
+  TORCH_CHECK(pos.numel() == T, "one position per token");
+  if (q.scalar_type() == at::kFloat) {
+    rope_rows<float>(q.data_ptr<float>(), T, q.size(1), D, q.stride(0), q.stride(1),
+                     cos_sin.data_ptr<float>(), P, pos.data_ptr<int64_t>());
+    rope_rows<float>(k.data_ptr<float>(), T, k.size(1), D, k.stride(0), k.stride(1),
+                     cos_sin.data_ptr<float>(), P, pos.data_ptr<int64_t>());
+  } else {
+    using B = at::BFloat16;
+    rope_rows<B>(q.data_ptr<B>(), T, q.size(1), D, q.stride(0), q.stride(1), cos_sin.data_ptr<B>(), P,
+                 pos.data_ptr<int64_t>());
+    rope_rows<B>(k.data_ptr<B>(), T, k.size(1), D, k.stride(0), k.stride(1), cos_sin.data_ptr<B>(), P,
+                 pos.data_ptr<int64_t>());
+  }
+}
+
+// gate_up [T, 2I] (gate first) -> silu(gate) * up [T, I]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_float_or_bf16(gate_up, "gate_up");
+  const at::Tensor g = gate_up.reshape({-1, gate_up.size(-1)}).contiguous();
+  TORCH_CHECK(g.size(1) % 2 == 0, "gate_up must have an even last dim");
+  at::Tensor out = at::empty({g.size(0), g.size(1) / 2}, g.options());
+  if (g.scalar_type() == at::kFloat) silu_mul_impl<float>(g, out);
+  else silu_mul_impl<at::BFloat16>(g, out);
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() /= 2;
+  return out.view(shape);
+}
+
+// q [B, H, D] (last dim contiguous); caches [S, KVH, D] contiguous; slots int64 [B, L]
+// (padded); lens int64 [B] (1 <= len <= L). Returns [B, H, D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& lens, double scale) {
+  check_float_or_bf16(q, "q");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the KV cache must share a dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1, "q needs a contiguous last dim");
+  TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(2) <= 512, "head_dim mismatch or > 512");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 slots/lens");
+  TORCH_CHECK(slots.size(0) == q.size(0) && lens.numel() == q.size(0), "one slot row per sequence");
+  const at::Tensor sl = slots.contiguous(), ln = lens.contiguous();
+  for (int64_t b = 0; b < ln.numel(); ++b) {
+    const int64_t len = ln.data_ptr<int64_t>()[b];
+    TORCH_CHECK(len >= 1 && len <= sl.size(1), "sequence ", b, " has context length ", len);
+  }
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.scalar_type() == at::kFloat) decode_attention_impl<float>(q, k_cache, v_cache, sl, ln, scale, out);
+  else decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, sl, ln, scale, out);
+  return out;
+}

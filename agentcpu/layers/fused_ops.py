@@ -1,0 +1,43 @@
+"""Compiled fused decoder ops (`csrc/fused_ops.cpp`): RMSNorm, rotary embedding in place,
+SiLU-and-multiply, and one-token-per-sequence attention over paged KV slots.
+
+A decode step runs ~40 small PyTorch ops per layer whose dispatch costs more than their
+arithmetic; these kernels replace most of them. Each rounds to the tensor dtype where
+the Hugging Face reference does, so outputs match the unfused ops up to summation order.
+Built once per CPU by `hardware.native_build`; `fused()` is None where nothing can be
+built, and the layers keep their PyTorch code.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from agentcpu.hardware.native_build import build_extension
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
+DECLARATIONS = """
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_sin,
+    const at::Tensor& positions);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
+"""
+FUNCTIONS = ["rms_norm", "rope_inplace", "silu_mul", "decode_attention"]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def fused() -> ModuleType | None:
+    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS)
+
+
+def fused_for(x: torch.Tensor) -> ModuleType | None:
+    """The compiled ops if they handle `x`'s dtype and device, else None."""
+    if x.dtype not in DTYPES or x.device.type != "cpu":
+        return None
+    return fused()

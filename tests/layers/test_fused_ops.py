@@ -1,0 +1,96 @@
+"""The compiled fused ops equal the PyTorch code they replace: bit for bit in bf16 for
+the element-wise ones (same rounding points), to fp32 tolerance otherwise."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agentcpu.layers.fused_ops import fused
+from agentcpu.layers.rope import RotaryEmbedding, _rotate
+
+needs_fused = pytest.mark.skipif(fused() is None, reason="no compiled kernels on this CPU")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _exact_or_close(got, ref, dtype):
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    w = (torch.randn(96) * 0.3 + 1).to(dtype)
+    x32 = x.float()
+    ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = fused().rms_norm(x, w, 1e-6)
+    assert got.shape == x.shape
+    # summation order may move one fp32 ulp, which can flip a rare bf16 rounding
+    assert torch.allclose(got.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gate_up = (torch.randn(7, 2 * 40) * 3).to(dtype)
+    gate, up = gate_up.split(40, dim=-1)
+    _exact_or_close(fused().silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_in_place_on_views_of_a_fused_projection(dtype):
+    heads, kv_heads, dim, tokens = 4, 2, 32, 9
+    rope = RotaryEmbedding(dim, 10000.0, None, 256)
+    rope.build(256, dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    positions = torch.randint(0, 256, (tokens,))
+    cos = rope.cos_sin[0, positions].unsqueeze(1)
+    sin = rope.cos_sin[1, positions].unsqueeze(1)
+    ref_q, ref_k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    fused().rope_inplace(q, k, rope.cos_sin, positions)
+    _exact_or_close(q, ref_q, dtype)
+    _exact_or_close(k, ref_k, dtype)
+
+
+def _reference_decode(q, k_cache, v_cache, slots, lens, scale):
+    out = []
+    for b in range(q.shape[0]):
+        keys = k_cache[slots[b, : lens[b]]].float().transpose(0, 1)  # [KVH, L, D]
+        values = v_cache[slots[b, : lens[b]]].float().transpose(0, 1)
+        group = q.shape[1] // keys.shape[0]
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        scores = torch.softmax((q[b].float()[:, None, :] @ keys.transpose(1, 2)) * scale, -1)
+        out.append((scores @ values)[:, 0, :])
+    return torch.stack(out)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_decode_attention_over_padded_slots(dtype, heads, kv_heads):
+    dim, num_slots = 64, 200
+    k_cache = torch.randn(num_slots, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_slots, kv_heads, dim).to(dtype)
+    lens = torch.tensor([1, 37, 120])
+    slots = torch.zeros(3, 120, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        slots[b, :n] = torch.randperm(num_slots)[:n]
+    q = torch.randn(3, heads, dim).to(dtype)
+    got = fused().decode_attention(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), ref, rtol=tol, atol=tol)
+
+
+@needs_fused
+def test_decode_attention_rejects_a_bad_length():
+    cache = torch.zeros(8, 1, 16)
+    with pytest.raises(RuntimeError, match="context length"):
+        fused().decode_attention(torch.zeros(1, 1, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long),
+                                 torch.tensor([5]), 1.0)
