@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 
 from agentcpu.commands.engine_args import add_engine_arguments, engine_options
+from agentcpu.commands.tool_args import add_tool_arguments, tool_options
 
 API_KEY_ENV = "AGENTCPU_API_KEY"
+CACHE_HOME_ENV = "XDG_CACHE_HOME"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    add_tool_arguments(parser)
+    _add_response_store_arguments(parser)
+
+
+def _add_response_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bounds left unset take `ServerSettings`' defaults."""
+    parser.add_argument(
+        "--response-store-dir",
+        default=str(default_response_store_dir()),
+        help="where /v1/responses keeps stored responses across restarts "
+        "(default: %(default)s; '' keeps them in memory only)",
+    )
+    parser.add_argument(
+        "--response-store-max-count",
+        type=int,
+        help="most stored responses; the least recently used go first (default: 10,000)",
+    )
+    parser.add_argument(
+        "--response-store-max-mb",
+        type=float,
+        help="most MiB of stored responses (JSON), least recently used go first (default: 256)",
+    )
+    parser.add_argument(
+        "--response-store-ttl-s",
+        type=float,
+        help="a stored response unused this many seconds is deleted (default: 30 days)",
+    )
+
+
+def _response_store_bounds(args: argparse.Namespace) -> dict:
+    names = ("response_store_max_count", "response_store_max_mb", "response_store_ttl_s")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def default_response_store_dir() -> Path:
+    cache = os.environ.get(CACHE_HOME_ENV) or "~/.cache"
+    return Path(cache).expanduser() / "agentcpu" / "responses"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,14 +94,23 @@ def run(args: argparse.Namespace) -> int:
         args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key or None,
         max_queue=args.max_queue,
+        response_store_dir=args.response_store_dir or None,
+        **_response_store_bounds(args),
     )
+    tools = _server_tools(args)  # a bad --tools module or --mcp file fails before the model loads
     config = resolve_engine_config(args.model, **engine_options(args))
     configure_threads(config.threads or None)
     front = AsyncEngine(LLMEngine(config))
     try:
-        uvicorn.run(
-            create_app(front, settings), host=args.host, port=args.port, log_level=args.log_level
-        )
+        app = create_app(front, settings, tools=tools)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         front.shutdown()
     return 0
+
+
+def _server_tools(args: argparse.Namespace):
+    from agentcpu.server.server_tools import ServerTools, ServerToolsConfig
+
+    config = ServerToolsConfig(**tool_options(args))
+    return ServerTools(config) if config.enabled else None

@@ -78,6 +78,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     arrival = time.perf_counter()
     state = get_state(request)
     state.check_model(body.model)
+    if body.server_tools is not None or body.max_turns is not None:
+        from agentcpu.server.agent_run import create_agent_completion  # it imports this module
+
+        return await create_agent_completion(state, body, request, arrival)
     plan = await plan_chat(state, body)
     ticket = state.admission.admit(len(plan.params))
     session = session_id(request, body, plan)

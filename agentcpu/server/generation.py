@@ -79,12 +79,16 @@ async def engine_stream(
     arrival: float,
     constraint=None,
     session_id: str | None = None,
+    pin_ttl_s: float | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """The engine's outputs for one request, recording TTFT, inter-token latency, tokens.
-    With a `session_id` the engine pins the request's KV for the session's next turn."""
+    With a `session_id` the engine pins the request's KV for the session's next turn
+    (for `pin_ttl_s`; None: the engine's default)."""
     metrics = state.metrics
     last, out, reason = None, None, "abort"
-    stream = state.front.generate(prompt, params, request_id, constraint, session_id=session_id)
+    stream = state.front.generate(
+        prompt, params, request_id, constraint, session_id=session_id, pin_ttl_s=pin_ttl_s
+    )
     try:
         async with aclosing(stream) as outs:
             async for out in outs:

@@ -46,6 +46,25 @@ class ServerMetrics:
             ["finish_reason"],
             registry=self.registry,
         )
+        self._agent_counters()
+
+    def _agent_counters(self) -> None:
+        """Server-side agent runs (`server_tools`) and their tool calls, per tool name."""
+        self.agent_runs = Counter(
+            f"{PREFIX}_agent_runs",
+            "server-side agent runs, by how they ended",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        self.tool_calls = Counter(
+            f"{PREFIX}_tool_calls", "server-side tool calls", ["tool"], registry=self.registry
+        )
+        self.tool_errors = Counter(
+            f"{PREFIX}_tool_errors",
+            "server-side tool calls that failed (raised, timed out, bad arguments or output)",
+            ["tool"],
+            registry=self.registry,
+        )
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         return Gauge(f"{PREFIX}_{name}", doc, registry=self.registry)

@@ -57,7 +57,7 @@ def _drop_422(schema: dict[str, Any]) -> None:
 def _name_the_models(schema: dict[str, Any], names: list[str]) -> None:
     """`model` accepts only the served names (others get 404): say so."""
     components = schema.get("components", {}).get("schemas", {})
-    for request in ("ChatCompletionRequest", "CompletionRequest"):
+    for request in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
         model = components.get(request, {}).get("properties", {}).get("model", {})
         for option in model.get("anyOf", []):
             if option.get("type") == "string":

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_CHOICES = 16  # `n`: each choice is one engine request
 MAX_TOP_LOGPROBS = 20  # the sampler's limit
+MAX_AGENT_TURNS = 64  # `max_turns` of a server-side agent run
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_.-]{1,64}$"
 
@@ -187,6 +188,19 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    # extensions: the server runs the agent loop with its own tools (server/agent_run.py)
+    server_tools: Literal["all"] | Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description='extension: tools this server runs itself (names, or "all"); the server '
+        "then runs model turn -> tools -> next turn and answers with the final turn",
+    )
+    max_turns: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_AGENT_TURNS,
+        description="extension: most model turns of a server_tools run (default: the "
+        "server's --max-agent-turns)",
+    )
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

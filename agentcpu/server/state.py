@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -12,7 +13,11 @@ from agentcpu.engine.llm_engine import LLMEngine
 from agentcpu.errors import CapacityError, ContextLengthError, InvalidRequestError
 from agentcpu.server.errors import ModelNotFoundError, QueueFullError
 from agentcpu.server.metrics import ServerMetrics
+from agentcpu.server.response_store import ResponseStore
 from agentcpu.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from agentcpu.server.server_tools import ServerTools
 
 
 class Ticket:
@@ -60,6 +65,8 @@ class ServerState:
     admission: Admission
     tool_format: str | None
     created: int = field(default_factory=lambda: int(time.time()))
+    tools: ServerTools | None = None  # what server_tools requests may run (server_tools.py)
+    responses: ResponseStore | None = None  # stored /v1/responses (create_app makes one)
 
     @property
     def engine(self) -> LLMEngine:

@@ -124,6 +124,7 @@ def signature_schema(fn: Callable, param_docs: dict[str, str]) -> tuple[dict[str
             prop["default"] = default
         properties[p.name] = prop
     schema: dict[str, Any] = {"type": "object", "properties": properties, "required": required}
+    schema["additionalProperties"] = False  # no **kwargs: any other argument is a TypeError
     return schema, positional_only
 
 

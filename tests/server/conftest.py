@@ -29,16 +29,18 @@ MAX_POSITIONS = 2048  # the Qwen template with tools writes ~500 prompt tokens
 class LiveServer:
     """One app over one engine, served on an OS-chosen free port until `stop()`."""
 
-    def __init__(self, model_dir: Path, settings: ServerSettings, **engine_options):
+    def __init__(self, model_dir: Path, settings: ServerSettings, tools=None, **engine_options):
+        """`tools`: a `ServerTools`; the app's lifespan (which starts them) then runs."""
         options = dict(dtype="float32", max_model_len=512, kv_cache_gb=0.02, block_size=16)
         options.update(engine_options)
         self.front = AsyncEngine(LLMEngine(resolve_engine_config(str(model_dir), **options)))
-        self.app = create_app(self.front, settings)
+        self.app = create_app(self.front, settings, tools=tools)
         self.settings = settings
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
+        lifespan = "off" if tools is None else "on"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan=lifespan)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
@@ -69,12 +71,11 @@ class LiveServer:
 
     def wait_idle(self, timeout: float = 30) -> tuple[int, bool]:
         """Poll until no request is unfinished and no KV block is held by a request
-        (blocks pinned for finished sessions' next turns do not count)."""
+        (blocks pinned for finished sessions' next turns do not count; pins of one
+        prefix share blocks, so they are counted once)."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.engine(
-                lambda e: (e.kv.pool.num_used - e.kv.pins.num_pinned_blocks, e.has_unfinished())
-            )
+            state = self.engine(lambda e: (e.kv.pool.num_used - _pinned(e), e.has_unfinished()))
             if state == (0, False) or time.monotonic() > deadline:
                 return state
             time.sleep(0.02)
@@ -83,6 +84,10 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.front.shutdown()
+
+
+def _pinned(engine) -> int:
+    return len({block for pin in engine.kv.pins.pins.values() for block in pin.blocks})
 
 
 def build_model_dir(path: Path) -> Path:

@@ -100,6 +100,7 @@ def test_schema_from_google_docstring_and_hints():
             "exact": {"type": ["boolean", "null"], "default": None},
         },
         "required": ["city"],
+        "additionalProperties": False,
     }
     assert (
         FunctionTool(forecast).description
