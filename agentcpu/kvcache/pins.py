@@ -5,7 +5,9 @@ pinned: the pin holds one reference on each block, so neither LRU eviction nor a
 request can take them. A pin ends when the session returns (its next request takes its
 own references via the prefix cache, then the old pin is dropped), when its time-to-live
 passes, when the session is deleted, or under memory pressure (oldest first) — a pin
-never makes a running request fail. Pinned blocks are bounded by `budget_blocks`.
+never makes a running request fail. Pinned blocks are bounded by `budget_blocks`,
+counted once however many sessions pin them (agents sharing a system prompt pin the same
+prefix blocks).
 """
 
 from __future__ import annotations
@@ -56,8 +58,16 @@ class SessionPins:
         self.pins: OrderedDict[str, Pin] = OrderedDict()  # oldest first
         self.sessions: OrderedDict[str, SessionInfo] = OrderedDict()  # bounded, LRU
         self.max_sessions = MAX_TRACKED_SESSIONS
-        self.num_pinned_blocks = 0
+        self._pin_counts: dict[int, int] = {}  # block id -> pins holding it
         self.stats = PinStats()
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by at least one pin."""
+        return len(self._pin_counts)
+
+    def _new_blocks(self, blocks: list[int]) -> int:
+        return sum(1 for b in set(blocks) if b not in self._pin_counts)
 
     def pin(self, session_id: str, blocks: list[int], ttl_s: float) -> Pin | None:
         """Pin `blocks` (computed, full, published) for `session_id`, replacing its old pin."""
@@ -65,14 +75,15 @@ class SessionPins:
         self._touch(session_id).turns += 1
         if not blocks or ttl_s <= 0 or len(blocks) > self.budget_blocks:
             return None
-        while self.num_pinned_blocks + len(blocks) > self.budget_blocks and self.pins:
+        while self.num_pinned_blocks + self._new_blocks(blocks) > self.budget_blocks and self.pins:
             self._release_oldest()
             self.stats.released_budget += 1
         self.pool.reference(blocks)
+        for b in blocks:
+            self._pin_counts[b] = self._pin_counts.get(b, 0) + 1
         now = self.clock()
         pin = Pin(session_id, list(blocks), now, now + ttl_s, len(blocks) * self.block_size)
         self.pins[session_id] = pin
-        self.num_pinned_blocks += len(blocks)
         self.stats.pinned += 1
         return pin
 
@@ -97,7 +108,12 @@ class SessionPins:
         pin = self.pins.pop(session_id, None)
         if pin is not None:
             self.pool.release(reversed(pin.blocks))
-            self.num_pinned_blocks -= len(pin.blocks)
+            for b in pin.blocks:
+                left = self._pin_counts[b] - 1
+                if left:
+                    self._pin_counts[b] = left
+                else:
+                    del self._pin_counts[b]
         return pin
 
     def expire(self) -> int:

@@ -99,3 +99,19 @@ def test_spill_then_restore_gives_identical_continuation(path, tmp_path):
     assert req.num_cached_tokens == 16 * (len(history + first) // 16)
     assert computed == len(follow_up) - req.num_cached_tokens + REPLY - 1
     assert got == expected
+
+
+def test_shared_prefix_blocks_count_once_against_the_pin_budget():
+    from agentcpu.kvcache.block_pool import BlockPool
+    from agentcpu.kvcache.pins import SessionPins
+
+    pool = BlockPool(16)
+    shared, own_a, own_b = pool.allocate(4), pool.allocate(2), pool.allocate(2)
+    pins = SessionPins(pool, block_size=16, budget_blocks=8)
+    pins.pin("a", shared + own_a, ttl_s=60)
+    pins.pin("b", shared + own_b, ttl_s=60)  # 8 distinct blocks: fits, nobody evicted
+    assert pins.num_pinned_blocks == 8 and set(pins.pins) == {"a", "b"}
+    pins.unpin("a")
+    assert pins.num_pinned_blocks == 6  # the shared prefix is still held by b
+    pins.pin("c", pool.allocate(3), ttl_s=60)  # 9 distinct > 8: the oldest pin goes
+    assert set(pins.pins) == {"c"} and pins.num_pinned_blocks == 3
