@@ -302,7 +302,37 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "task_len": 150, "tool_call_len": 48, "tool_result_len": 300, "final_answer_len": 128,
         "tool_pause": {"median_s": 0.3, "sigma": 0.8}, "concurrency": [16],
     },
+    # 64 sessions whose contexts together need about twice the KV budget that
+    # `agentcpu bench agent --pressure` gives each engine (see pressure_kv_cache_gib)
+    "agent-pressure": {
+        "kind": "sessions", "sessions": 64, "turns": 6, "shared_prefix_len": 1800,
+        "task_len": 150, "tool_call_len": 48, "tool_result_len": 300, "final_answer_len": 128,
+        "tool_pause": {"median_s": 0.3, "sigma": 0.8}, "concurrency": [64],
+    },
 }  # fmt: skip
+
+
+def final_context_tokens(spec: WorkloadSpec) -> int:
+    """Tokens in one session's context after its last turn (median lengths)."""
+    def median(dist: LengthDist) -> int:
+        if dist.kind == "uniform":
+            return int(sum(dist.values) / 2)
+        if dist.kind == "choice":
+            return int(sorted(dist.values)[len(dist.values) // 2])
+        return int(dist.values[0])  # fixed: the value; lognormal: its median
+
+    middle = spec.turns - 1
+    return (spec.shared_prefix_len + median(spec.task_len)
+            + middle * (median(spec.tool_call_len) + median(spec.tool_result_len))
+            + median(spec.final_answer_len))  # fmt: skip
+
+
+def pressure_kv_cache_gib(spec: WorkloadSpec, kv_bytes_per_token: int, share: float = 0.5) -> float:
+    """A KV budget holding `share` of all sessions' final contexts (the shared prefix
+    counted once), so sessions waiting on tools compete for memory."""
+    per_session = final_context_tokens(spec) - spec.shared_prefix_len
+    tokens = spec.shared_prefix_len + spec.sessions * per_session
+    return share * tokens * kv_bytes_per_token / 2**30
 
 _LENGTH_FIELDS = (
     "prompt_len",

