@@ -8,11 +8,11 @@ Two steps, so quantized weights need not go through float:
 2. `dequantize` turns one into a float tensor. `iter_hf_tensors` chains both and feeds
    `models.loader.load_weights`.
 
-The seam for quantized modules is step 1: a loader that maps Q8_0 / Q4_0 onto int8 /
-int4 weights splits the raw rows with `q8_0_blocks` / `q4_0_blocks` (values and fp16
-scales per 32 columns, the shapes `quant.Int8Linear.from_q8_0` / `Int4Linear.from_q4_0`
-take) instead of calling `dequantize`. The fused q/k/v and gate/up projections then
-take their parts' rows concatenated (blocks never cross rows).
+Quantized modules branch off after step 1: `quantized_weight` turns a tensor's raw
+rows into our int8 / int4 format with no float step, for the ggml types that format
+holds exactly (`exact_format`: Q4_0 and Q4_1 in int4, Q8_0 and Q4_0 in int8 with groups
+of 32). `models.loading` fills the fused q/k/v and gate/up projections part by part,
+each part's rows in its row range (blocks never cross rows).
 
 Shapes: GGUF lists dimensions fastest-first (ne[0] = columns); `gguf_header` reverses
 them, so a tensor's rows here are the Hugging Face rows.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from agentcpu.config import ModelConfig
 from agentcpu.errors import ModelLoadError
 from agentcpu.loaders.gguf_file import ROPE_FREQS_TENSOR, GGUFModelFile
+from agentcpu.quant.formats import (
+    Int4Weight,
+    Int8Weight,
+    int4_from_q4_0,
+    int4_from_q4_1,
+    int8_from_q4_0,
+    int8_from_q8_0,
+)
 
 Q = GGMLQuantizationType
 GLOBAL_NAMES = {
@@ -199,6 +207,8 @@ def _gguf_dequantizer(qtype: GGMLQuantizationType):
 # elements 0-15, high nibbles 16-31, stored with an offset of 8).
 Q8_0_BLOCK = np.dtype([("scale", "<f2"), ("values", "i1", (Q_GROUP,))])
 Q4_0_BLOCK = np.dtype([("scale", "<f2"), ("packed", "u1", (Q_GROUP // 2,))])
+# Q4_1: w = q * scale + min, nibbles as in Q4_0.
+Q4_1_BLOCK = np.dtype([("scale", "<f2"), ("min", "<f2"), ("packed", "u1", (Q_GROUP // 2,))])
 
 
 def _blocks(rows: np.ndarray, block: np.dtype) -> np.ndarray:
@@ -231,6 +241,18 @@ def q4_0_blocks(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(packed), torch.from_numpy(blocks["scale"].copy())
 
 
+def q4_1_blocks(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 rows [R, bytes] -> packed uint8 [R, C / 2] (as `q4_0_blocks`), fp16 scales
+    and fp16 minimums [R, C / 32]; weight = nibble * scale + minimum."""
+    blocks = _blocks(rows, Q4_1_BLOCK)
+    packed = blocks["packed"].reshape(rows.shape[0], -1).copy()
+    return (
+        torch.from_numpy(packed),
+        torch.from_numpy(blocks["scale"].copy()),
+        torch.from_numpy(blocks["min"].copy()),
+    )
+
+
 def _expand_q8_0(rows: np.ndarray, out: np.ndarray) -> None:
     blocks = _blocks(rows, Q8_0_BLOCK)
     grouped = out.reshape(*blocks.shape, Q_GROUP)
@@ -246,3 +268,42 @@ def _expand_q4_0(rows: np.ndarray, out: np.ndarray) -> None:
 
 
 BLOCK_DEQUANTIZERS = {Q.Q8_0: _expand_q8_0, Q.Q4_0: _expand_q4_0}
+
+
+# -- quantized weights without a float step -------------------------------------------
+
+QuantizedWeight = Int8Weight | Int4Weight
+BlockConverter = Callable[[np.ndarray], QuantizedWeight]
+# (our format, ggml type) -> raw rows [R, bytes] to that format, the weights unchanged
+# bit for bit (Q4_0 in int8: values q - 8 with scale d).
+DIRECT_CONVERSIONS: dict[tuple[str, GGMLQuantizationType], BlockConverter] = {
+    ("int4", Q.Q4_0): lambda rows: int4_from_q4_0(*q4_0_blocks(rows)),
+    ("int4", Q.Q4_1): lambda rows: int4_from_q4_1(*q4_1_blocks(rows)),
+    ("int8", Q.Q8_0): lambda rows: int8_from_q8_0(*q8_0_blocks(rows)),
+    ("int8", Q.Q4_0): lambda rows: int8_from_q4_0(*q4_0_blocks(rows)),
+}
+QUANTIZED_FORMATS = ("int4", "int8")  # smallest first
+DIRECT_GROUP_SIZE = Q_GROUP  # the group size of every directly mapped weight
+
+
+def exact_format(
+    types: Iterable[GGMLQuantizationType], allowed: Iterable[str] = QUANTIZED_FORMATS
+) -> str | None:
+    """The smallest of our quantized formats, among `allowed`, that holds the weights of
+    every ggml type in `types` exactly; None if there is none (they stay float)."""
+    types, allowed = set(types), set(allowed)
+    for fmt in QUANTIZED_FORMATS:
+        if fmt in allowed and types and all((fmt, t) in DIRECT_CONVERSIONS for t in types):
+            return fmt
+    return None
+
+
+def quantized_weight(tensor: GGUFTensor, fmt: str) -> QuantizedWeight:
+    """A 2-D block-quantized tensor in our `fmt` (int8 / int4, group 32), no float step."""
+    convert = DIRECT_CONVERSIONS.get((fmt, tensor.ggml_type))
+    if convert is None or len(tensor.shape) != 2:
+        raise ModelLoadError(
+            f"GGUF tensor {tensor.gguf_name!r} ({tensor.ggml_type.name}, shape "
+            f"{tensor.shape}) has no exact {fmt} form"
+        )
+    return convert(tensor.data.reshape(tensor.shape[0], -1))

@@ -168,6 +168,24 @@ def int4_from_q4_0(qs: torch.Tensor, d: torch.Tensor) -> Int4Weight:
     return Int4Weight(qs.contiguous(), d, (-Q4_0_ZERO * d.float()).to(torch.float16))
 
 
+def int8_from_q4_0(qs: torch.Tensor, d: torch.Tensor) -> Int8Weight:
+    """GGUF Q4_0 blocks (split as for `int4_from_q4_0`) as int8 in groups of 32: the
+    values q - 8 lie in [-8, 7] and keep their scale d, so the weights are unchanged."""
+    _check_blocks(qs, d, qs.shape[1] * 2, torch.uint8)
+    values = unpack_int4(qs).to(torch.int8) - Q4_0_ZERO
+    return Int8Weight(values, d.float().contiguous())
+
+
+def int4_from_q4_1(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> Int4Weight:
+    """GGUF Q4_1 blocks: `qs` as for `int4_from_q4_0`, `d` and `m` fp16 [N, K // 32];
+    w = q * d + m, which is our int4 with scale d and offset m."""
+    _check_blocks(qs, d, qs.shape[1] * 2, torch.uint8)
+    _check_blocks(qs, m, qs.shape[1] * 2, torch.uint8)
+    return Int4Weight(
+        qs.contiguous(), d.to(torch.float16).contiguous(), m.to(torch.float16).contiguous()
+    )
+
+
 def _check_blocks(qs: torch.Tensor, d: torch.Tensor, in_features: int, dtype: torch.dtype) -> None:
     if qs.dtype != dtype or qs.dim() != 2:
         raise QuantizationError(

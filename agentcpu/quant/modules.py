@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -23,6 +25,37 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    @property
+    def weight_data(self) -> formats.Int8Weight | formats.Int4Weight:
+        raise NotImplementedError
+
+    def load_rows(self, start: int, weight: formats.Int8Weight | formats.Int4Weight) -> None:
+        """Copy `weight` into output rows start.. (one part of a fused projection, as a
+        GGUF loader fills a module made by `empty`); its format must match ours."""
+        ours = self.weight_data
+        for field in dataclasses.fields(ours):
+            target, part = getattr(ours, field.name), getattr(weight, field.name)
+            _check_rows(target, part, start, field.name)
+            if part.dtype != target.dtype:
+                raise formats.QuantizationError(
+                    f"{field.name}: expected {target.dtype}, got {part.dtype}"
+                )
+            target.narrow(0, start, part.shape[0]).copy_(part)
+
+    def load_bias_rows(self, start: int, bias: torch.Tensor) -> None:
+        if self.bias is None:
+            raise formats.QuantizationError("this layer has no bias")
+        _check_rows(self.bias, bias, start, "bias")
+        self.bias.narrow(0, start, bias.shape[0]).copy_(bias)
+
+
+def _check_rows(target: torch.Tensor, part: torch.Tensor, start: int, what: str) -> None:
+    fits = tuple(part.shape[1:]) == tuple(target.shape[1:]) and 0 <= start
+    if not fits or start + part.shape[0] > target.shape[0]:
+        raise formats.QuantizationError(
+            f"{what} {tuple(part.shape)} does not fit rows {start}.. of {tuple(target.shape)}"
+        )
 
 
 class Int8Linear(QuantizedLinear):
@@ -47,6 +80,16 @@ class Int8Linear(QuantizedLinear):
     ) -> Int8Linear:
         """From GGUF Q8_0 blocks split into `qs` int8 [out, in] and `d` fp16 [out, in // 32]."""
         return cls(formats.int8_from_q8_0(qs, d), bias)
+
+    @classmethod
+    def empty(
+        cls, out_features: int, in_features: int, group_size: int, bias_dtype: torch.dtype | None
+    ) -> Int8Linear:
+        """Unfilled buffers (e.g. on the meta device) for `load_rows` to fill."""
+        formats.check_group(in_features, group_size, None)
+        qweight = torch.empty(out_features, in_features, dtype=torch.int8)
+        scales = torch.empty(out_features, in_features // group_size)
+        return cls(formats.Int8Weight(qweight, scales), _empty_bias(out_features, bias_dtype))
 
     @property
     def weight_data(self) -> formats.Int8Weight:
@@ -89,6 +132,20 @@ class Int4Linear(QuantizedLinear):
         bytes in file order) and `d` fp16 [out, in // 32]."""
         return cls(formats.int4_from_q4_0(qs, d), bias)
 
+    @classmethod
+    def empty(
+        cls, out_features: int, in_features: int, group_size: int, bias_dtype: torch.dtype | None
+    ) -> Int4Linear:
+        """Unfilled buffers (e.g. on the meta device) for `load_rows` to fill."""
+        formats.check_group(in_features, group_size, formats.INT4_GROUP_SIZES)
+        groups = in_features // group_size
+        weight = formats.Int4Weight(
+            torch.empty(out_features, in_features // 2, dtype=torch.uint8),
+            torch.empty(out_features, groups, dtype=torch.float16),
+            torch.empty(out_features, groups, dtype=torch.float16),
+        )
+        return cls(weight, _empty_bias(out_features, bias_dtype))
+
     @property
     def weight_data(self) -> formats.Int4Weight:
         return formats.Int4Weight(self.qweight, self.scales, self.offsets)
@@ -101,3 +158,7 @@ class Int4Linear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.weight_data.group_size}"
+
+
+def _empty_bias(out_features: int, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return None if dtype is None else torch.empty(out_features, dtype=dtype)
