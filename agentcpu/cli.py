@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from agentcpu.errors import AgentCPUError
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # serve sets up logging from --log-level
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("agentcpu").setLevel(logging.INFO)  # load summaries, fallbacks
     try:
         return importlib.import_module(args.module).run(args)
     except AgentCPUError as e:

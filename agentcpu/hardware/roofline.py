@@ -163,12 +163,30 @@ def footprint_from_tensors(
     )
 
 
+# llama.cpp tensor names whose role the Hugging Face suffixes above do not reveal
+GGUF_RENAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+
+
 def model_footprint(model_dir: str | Path) -> ModelFootprint:
-    """Footprint of a safetensors checkpoint (dir, sharded or not, or one file), from the
-    headers and config.json only. Raises ModelLoadError for a missing or bad checkpoint."""
+    """Footprint of a safetensors checkpoint (dir, sharded or not, or one file) or of a
+    GGUF file (its tensors' stored bytes: quantized blocks count as stored), from the
+    headers only. Raises ModelLoadError for a missing or bad checkpoint."""
     path = Path(model_dir)
+    if path.suffix == ".gguf":
+        return _gguf_footprint(path)
     tensors = read_checkpoint_tensors(path)
     return footprint_from_tensors(tensors, _read_config(path))
+
+
+def _gguf_footprint(path: Path) -> ModelFootprint:
+    from agentcpu.loaders.gguf_file import GGUFModelFile
+
+    gguf = GGUFModelFile(path)
+    tensors = [
+        TensorEntry(GGUF_RENAMES.get(name, name), info.ggml_type.name, info.shape, info.n_bytes)
+        for name, info in gguf.tensors.items()
+    ]
+    return footprint_from_tensors(tensors, gguf.hf_config())
 
 
 def _quantized_bytes(params: int, rows: int, bits: int, group_size: int | None) -> int:

@@ -125,3 +125,20 @@ def test_roofline_for_quant_matches_quantized_footprint(tmp_path):
         roofline_for_quant(footprint, 3, 32, 10.0, 1e12)
     with pytest.raises(InvalidRequestError):
         quantized_footprint(footprint, 4, 0)
+
+
+def test_gguf_footprint_counts_stored_block_bytes():
+    from gguf import GGMLQuantizationType
+
+    from agentcpu.loaders.gguf_file import GGUFModelFile
+    from tests.loaders.gguf_cases import FIXTURES
+
+    path = next((FIXTURES / "qwen2-bpe").glob("*q8_0*.gguf"))
+    gguf = GGUFModelFile(path)
+    fp = model_footprint(path)
+    assert fp.total_bytes == sum(t.n_bytes for t in gguf.tensors.values())
+    head = gguf.tensors.get("output.weight") or gguf.tensors["token_embd.weight"]
+    assert fp.lm_head_bytes == head.n_bytes
+    q8 = [t for n, t in gguf.tensors.items() if t.ggml_type == GGMLQuantizationType.Q8_0 and n.startswith("blk.")]
+    assert q8 and fp.weight_dtype == "Q8_0"
+    assert fp.weight_bits == pytest.approx(8.5)  # 34 bytes per 32 weights
