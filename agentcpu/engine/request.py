@@ -45,6 +45,8 @@ class Request:
     # output bookkeeping owned by the engine's postprocess
     logprobs: list = field(default_factory=list)
     first_token_time: float | None = None
+    # the runner's cache: (block ids, cache slot of every position in those blocks)
+    slot_cache: tuple[list[int], torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:

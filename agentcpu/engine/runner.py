@@ -78,23 +78,28 @@ class ModelRunner:
         )
 
     def _slots(self, request: Request, num_tokens: int) -> torch.Tensor:
-        """Cache slot of each of the request's first `num_tokens` positions."""
+        """Cache slot of each of the request's first `num_tokens` positions. Kept on the
+        request and extended block by block: a decode step only slices it."""
         bs = self.block_size
-        blocks = torch.tensor(request.block_ids[: -(-num_tokens // bs)], dtype=torch.long)
-        slots = (blocks[:, None] * bs + torch.arange(bs)[None, :]).flatten()
-        return slots[:num_tokens]
+        blocks = request.block_ids[: -(-num_tokens // bs)]
+        cached = request.slot_cache
+        if cached is None or cached[0] != blocks[: len(cached[0])]:
+            cached = ([], torch.empty(0, dtype=torch.long))
+        if len(cached[0]) < len(blocks):
+            new = torch.tensor(blocks[len(cached[0]) :], dtype=torch.long)
+            new_slots = (new[:, None] * bs + torch.arange(bs)[None, :]).flatten()
+            cached = (list(blocks), torch.cat((cached[1], new_slots)))
+            request.slot_cache = cached
+        return cached[1][:num_tokens]
 
     @staticmethod
     def _add_decode_meta(meta: AttentionMetadata, contexts: list[torch.Tensor]) -> None:
         lengths = torch.tensor([len(c) for c in contexts])
-        max_len = int(lengths.max())
-        padded = torch.zeros(len(contexts), max_len, dtype=torch.long)
-        for i, c in enumerate(contexts):
-            padded[i, : len(c)] = c
+        padded = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)
         meta.num_decode = len(contexts)
         meta.decode_slots = padded
         meta.decode_lens = lengths
-        mask = torch.arange(max_len)[None, :] < lengths[:, None]
+        mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
         meta.decode_mask = mask[:, None, None, :]
 
     def _sample_row(self, request: Request) -> SampleRow:

@@ -93,7 +93,10 @@ at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight
   const float* xp = x2.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+  // tiny products run on the calling thread: an OpenMP region costs ~10 us
+  const int64_t task_macs = kRowsPerTask * K * M;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, task_macs));
+  at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t n0 = i0 * kRowsPerTask; n0 < std::min(N, i1 * kRowsPerTask); n0 += kRows) {
       const int R = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const uint16_t* w = wp + n0 * K;

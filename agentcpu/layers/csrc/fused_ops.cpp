@@ -15,6 +15,12 @@
 
 namespace {
 
+// Rows per parallel task: small batches (decode) run on the calling thread, since an
+// OpenMP region costs more than the arithmetic of a few thousand elements.
+inline int64_t grain(int64_t elements_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+}
+
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
@@ -28,7 +34,7 @@ void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, rows >= 16 ? 4 : rows, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = xp + r * D;
       float ss = 0.f;
@@ -45,7 +51,7 @@ template <typename T>
 void rope_rows(T* x, int64_t tokens, int64_t heads, int64_t D, int64_t row_stride,
                int64_t head_stride, const T* cos_sin, int64_t table_len, const int64_t* pos) {
   const int64_t half = D / 2;
-  at::parallel_for(0, tokens, tokens >= 16 ? 4 : tokens, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tokens, grain(heads * D), [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(D);
     for (int64_t t = t0; t < t1; ++t) {
       const T* c = cos_sin + pos[t] * D;
@@ -67,7 +73,7 @@ void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const int64_t rows = gate_up.size(0), I = out.size(1);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, rows >= 16 ? 4 : rows, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(2 * I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = gp + r * 2 * I;
       const T* u = g + I;
