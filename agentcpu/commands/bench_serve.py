@@ -174,10 +174,9 @@ def _kv_bytes_per_token(model: Path) -> int:
     """bf16 K and V of every layer for one token, from the model's config.json."""
     import json
 
-    cfg = json.loads((model / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 2
+    from agentcpu.hardware.roofline import kv_bytes_per_token
+
+    return kv_bytes_per_token(json.loads((model / "config.json").read_text()))
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
