@@ -8,7 +8,7 @@ or mis-shaped tensor raises `ModelLoadError` naming it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -22,11 +22,18 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_model(cfg: ModelConfig, dtype: str, max_model_len: int) -> nn.Module:
-    """An unfilled model with its parameters allocated and rope tables built."""
+def build_model(cfg: ModelConfig, dtype: str, max_model_len: int,
+                before_allocation: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """An unfilled model with its parameters allocated and rope tables built.
+
+    `before_allocation` sees the model while it is still on the meta device, so it can
+    swap modules (e.g. GGUF layers that load straight into quantized formats) at no cost.
+    """
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = model_class(cfg)(cfg, torch_dtype)
+        if before_allocation is not None:
+            before_allocation(model)
     model.to_empty(device="cpu")
     model.rope.build(max_model_len, torch_dtype)
     return model.eval()

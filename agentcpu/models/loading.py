@@ -28,7 +28,6 @@ from agentcpu.loaders.gguf_tensors import (
 )
 from agentcpu.loaders.safetensors_dir import iter_safetensors
 from agentcpu.models.loader import DTYPES, build_model, load_weights
-from agentcpu.models.registry import model_class
 from agentcpu.quant.modules import Int4Linear, Int8Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -134,16 +133,18 @@ def load_gguf_model(gguf: GGUFModelFile, config: EngineConfig) -> nn.Module:
 
     cfg, dtype = config.model_config, DTYPES[config.dtype]
     allowed = QUANTIZED_FORMATS if config.quant is None else (parse_quant(config.quant)[0],)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg, dtype)
-        targets, floats = _swap_direct_linears(model, _gguf_types(gguf), allowed)
-    model.to_empty(device="cpu")
-    model.rope.build(config.max_model_len, dtype)
+    swapped: list = []
+
+    def swap(model: nn.Module) -> None:
+        swapped.extend(_swap_direct_linears(model, _gguf_types(gguf), allowed))
+
+    model = build_model(cfg, config.dtype, config.max_model_len, before_allocation=swap)
+    targets, floats = swapped
     direct, dequantized = _fill_from_gguf(model, gguf, cfg, dtype, targets)
     log.info("%s", gguf_load_summary(direct, dequantized))
     if config.quant is not None and floats:
         _log_requantized(config.quant, floats)
-    return model.eval()
+    return model
 
 
 @dataclass(frozen=True)
