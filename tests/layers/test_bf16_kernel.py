@@ -64,4 +64,4 @@ def test_dense_linear_routes_small_batches_to_the_kernel(monkeypatch):
         x = torch.randn(rows, 64).bfloat16()
         out = linear.dense_linear(x, w, b)
         assert torch.allclose(out.float(), _reference(x, w, b), rtol=8e-3, atol=0.1)
-    assert calls == [8, linear.SMALL_BATCH_MAX_ROWS]  # one row: GEMV; above the cap: widen
+    assert calls == [1, 8, linear.SMALL_BATCH_MAX_ROWS]  # above the cap: widen to fp32

@@ -43,14 +43,20 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// out[t * ldo + r] = dot(w row r, x row t) for r < R, t < T.
+// out[t * ldo + r] = dot(w row r, x row t) for r < R, t < T. If `next` is given, the
+// R * K bf16 weights there (the next micro-tile's rows) are prefetched along the way, one
+// cache line per k step: with short rows (K = 896 is 1.8 KB) the hardware prefetchers
+// alone kept a thread at ~12 GB/s from DRAM; torch's GEMV reached ~20.
 template <int R, int T>
-inline void tile(const uint16_t* w, int64_t K, const float* x, int64_t K_x, float* out, int64_t ldo) {
+inline void tile(const uint16_t* w, int64_t K, const float* x, int64_t K_x, float* out, int64_t ldo,
+                 const uint16_t* next) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   const int64_t K8 = K / 8 * 8;
+  const char* ahead = reinterpret_cast<const char*>(next);
   for (int64_t k = 0; k < K8; k += 8) {
+    if (ahead != nullptr) _mm_prefetch(ahead + k * 2 * R, _MM_HINT_T0);
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load_bf16(w + r * K + k);
     for (int t = 0; t < T; ++t) {
@@ -67,12 +73,13 @@ inline void tile(const uint16_t* w, int64_t K, const float* x, int64_t K_x, floa
 }
 
 template <int R>
-inline void tile_tokens(int T, const uint16_t* w, int64_t K, const float* x, float* out, int64_t ldo) {
+inline void tile_tokens(int T, const uint16_t* w, int64_t K, const float* x, float* out, int64_t ldo,
+                        const uint16_t* next) {
   switch (T) {
-    case 4: tile<R, 4>(w, K, x, K, out, ldo); break;
-    case 3: tile<R, 3>(w, K, x, K, out, ldo); break;
-    case 2: tile<R, 2>(w, K, x, K, out, ldo); break;
-    default: tile<R, 1>(w, K, x, K, out, ldo);
+    case 4: tile<R, 4>(w, K, x, K, out, ldo, next); break;
+    case 3: tile<R, 3>(w, K, x, K, out, ldo, next); break;
+    case 2: tile<R, 2>(w, K, x, K, out, ldo, next); break;
+    default: tile<R, 1>(w, K, x, K, out, ldo, next);
   }
 }
 
@@ -100,13 +107,15 @@ at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight
     for (int64_t n0 = i0 * kRowsPerTask; n0 < std::min(N, i1 * kRowsPerTask); n0 += kRows) {
       const int R = static_cast<int>(std::min<int64_t>(kRows, N - n0));
       const uint16_t* w = wp + n0 * K;
+      const uint16_t* next = n0 + 2 * kRows <= N ? w + kRows * K : nullptr;
       for (int64_t t0 = 0; t0 < M; t0 += kTokens) {
         const int T = static_cast<int>(std::min<int64_t>(kTokens, M - t0));
         float* o = op + t0 * N + n0;
         const float* xt = xp + t0 * K;
-        if (R == 3) tile_tokens<3>(T, w, K, xt, o, N);
-        else if (R == 2) tile_tokens<2>(T, w, K, xt, o, N);
-        else tile_tokens<1>(T, w, K, xt, o, N);
+        const uint16_t* pf = t0 == 0 ? next : nullptr;  // the first token group prefetches
+        if (R == 3) tile_tokens<3>(T, w, K, xt, o, N, pf);
+        else if (R == 2) tile_tokens<2>(T, w, K, xt, o, N, pf);
+        else tile_tokens<1>(T, w, K, xt, o, N, pf);
       }
     }
   });
