@@ -203,13 +203,18 @@ class LlamaForCausalLM(nn.Module):
                 prefix_kv: list | None = None):
         return self.logits(self.hidden_states(input_ids, prefix_ids, prefix_kv))
 
-    def loss(self, input_ids, labels, prefix_ids=None, prefix_kv=None) -> torch.Tensor:
-        """Mean next-token loss over positions whose label is not IGNORE_INDEX."""
+    def loss(self, input_ids, labels, prefix_ids=None, prefix_kv=None, weights=None) -> torch.Tensor:
+        """Next-token loss over positions whose label is not IGNORE_INDEX: the mean, or
+        the `weights`-weighted mean (weights (B, S) aligned with labels)."""
         hidden = self.hidden_states(input_ids, prefix_ids, prefix_kv)[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.logits(hidden[keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        if weights is None:
+            return F.cross_entropy(logits.float(), targets[keep])
+        losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        kept = weights[:, 1:][keep]
+        return (losses * kept).sum() / kept.sum()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -271,15 +276,28 @@ def save_tokenizer_files(tokenizer, out: Path) -> None:
 
 def encode_suffix(tokenizer, prefix: str, text: str) -> tuple[list[int], list[int]]:
     """Token ids of text after the shared prefix, and labels (assistant tokens only)."""
+    ids, labels, _ = encode_weighted_suffix(tokenizer, prefix, text, 1.0)
+    return ids, labels
+
+
+def encode_weighted_suffix(tokenizer, prefix: str, text: str, answer_weight: float
+                           ) -> tuple[list[int], list[int], list[float]]:
+    """`encode_suffix` plus a loss weight per token: `answer_weight` for what the assistant
+    writes after it has seen a <tool_response> (the answers that must copy a tool's result),
+    1.0 elsewhere. Session 2 found the model copying the user's values into tool calls but
+    answering with memorised numbers: those answer tokens are a small share of the loss."""
     assert text.startswith(prefix)
     suffix = text[len(prefix):]
     encoding = tokenizer.encode(suffix, add_special_tokens=False)
     spans = assistant_spans(suffix)
-    labels = [
-        token if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-        for token, (start, _) in zip(encoding.ids, encoding.offsets, strict=True)
-    ]
-    return encoding.ids, labels
+    first_response = suffix.find("<tool_response>")
+    labels, weights = [], []
+    for token, (start, _) in zip(encoding.ids, encoding.offsets, strict=True):
+        span = next(((a, b) for a, b in spans if a <= start < b), None)
+        labels.append(IGNORE_INDEX if span is None else token)
+        after_tool = span is not None and first_response != -1 and span[0] > first_response
+        weights.append(answer_weight if after_tool else 1.0)
+    return encoding.ids, labels, weights
 
 
 def save_hf_directory(model: LlamaForCausalLM, tokenizer, out: Path) -> None:

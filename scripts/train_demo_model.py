@@ -38,7 +38,7 @@ from demo_model_train_lib import (  # noqa: E402
     LlamaShape,
     conversation_text,
     count_parameters,
-    encode_suffix,
+    encode_weighted_suffix,
     save_hf_directory,
     shared_prefix_text,
     train_tokenizer,
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-refresh-steps", type=int, default=4,
                         help="recompute the shared prefix's keys/values (without gradient) every"
                              " N steps; 0 = run it with gradient every step")
+    parser.add_argument("--answer-weight", type=float, default=1.0,
+                        help="loss weight of assistant tokens written after a tool response"
+                             " (the answers that must copy the tool's result)")
     return parser.parse_args(argv)
 
 
@@ -93,8 +96,10 @@ def load_conversations(path: Path, limit: int) -> list[dict]:
     return records
 
 
-def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None) -> tuple:
-    """Tokenized (suffix ids, labels) per conversation; trains the tokenizer unless given."""
+def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None,
+                   answer_weight: float = 1.0) -> tuple:
+    """Tokenized (suffix ids, labels, loss weights) per conversation; trains the tokenizer
+    unless given."""
     prefix = shared_prefix_text()
     texts = [conversation_text(r["messages"]) for r in records]
     log(f"rendered {len(texts)} conversations")
@@ -102,7 +107,7 @@ def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None) ->
         suffixes = [t[len(prefix):] for t in texts[:TOKENIZER_SAMPLE]]
         tokenizer = train_tokenizer(suffixes + [prefix] * PREFIX_REPEATS_FOR_TOKENIZER, vocab_size)
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
-    examples = [encode_suffix(tokenizer, prefix, t) for t in texts]
+    examples = [encode_weighted_suffix(tokenizer, prefix, t, answer_weight) for t in texts]
     log(f"tokenizer vocab {tokenizer.get_vocab_size()}, prefix {len(prefix_ids)} tokens,"
         f" mean suffix {sum(len(e[0]) for e in examples) / len(examples):.1f} tokens")
     return tokenizer, prefix_ids, examples
@@ -125,11 +130,13 @@ def make_batch(examples: list, indices: list[int], pad_id: int):
     length = max(len(examples[i][0]) for i in indices)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.ones((len(indices), length))
     for row, i in enumerate(indices):
-        tokens, targets = examples[i]
+        tokens, targets, token_weights = examples[i]
         ids[row, : len(tokens)] = torch.tensor(tokens)
         labels[row, : len(targets)] = torch.tensor(targets)
-    return ids, labels
+        weights[row, : len(token_weights)] = torch.tensor(token_weights)
+    return ids, labels, weights
 
 
 def learning_rate(args: argparse.Namespace, step: int, progress: float) -> float:
@@ -163,7 +170,7 @@ def train(args: argparse.Namespace) -> dict:
     records = load_conversations(args.data, args.max_conversations)
     initial = load_initial(args.init_from) if args.init_from else None
     tokenizer, prefix_ids, examples = build_examples(
-        records, args.vocab_size, log, initial[0] if initial else None)
+        records, args.vocab_size, log, initial[0] if initial else None, args.answer_weight)
     shape = LlamaShape(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)
@@ -197,16 +204,16 @@ def train(args: argparse.Namespace) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step, max(step / args.steps, elapsed / budget_s))
-        ids, labels = make_batch(examples, next(batches), pad_id)
-        ids, labels = ids.to(device), labels.to(device)
+        ids, labels, weights = make_batch(examples, next(batches), pad_id)
+        ids, labels, weights = ids.to(device), labels.to(device), weights.to(device)
         with autocast:
             if args.prefix_refresh_steps and step % args.prefix_refresh_steps == 0:
                 with torch.no_grad():
                     prefix_kv = model.prefix_cache(prefix)
             if args.prefix_refresh_steps:
-                loss = model.loss(ids, labels, prefix_kv=prefix_kv)
+                loss = model.loss(ids, labels, prefix_kv=prefix_kv, weights=weights)
             else:
-                loss = model.loss(ids, labels, prefix)
+                loss = model.loss(ids, labels, prefix, weights=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

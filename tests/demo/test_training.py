@@ -144,3 +144,42 @@ def test_init_from_continues_where_training_stopped(trained, tmp_path):
     more = train_demo_model.train(args)
     assert more["parameters"] == summary["parameters"]
     assert more["losses"][0] < 0.8 * summary["losses"][0]
+
+
+def test_answer_weight_marks_only_what_follows_a_tool_response(trained):
+    from tokenizers import Tokenizer
+
+    from agentcpu.demo.tasks import generate_tasks, task_messages
+
+    out, _, _ = trained
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    prefix = lib.shared_prefix_text()
+    seen_tool_task = False
+    for task in generate_tasks(11, 20):
+        text = lib.conversation_text(task_messages(task))
+        ids, labels, weights = lib.encode_weighted_suffix(tokenizer, prefix, text, 4.0)
+        assert (ids, labels) == lib.encode_suffix(tokenizer, prefix, text)
+        heavy = [t for t, w in zip(ids, weights, strict=True) if w == 4.0]
+        if not task.uses_tools:
+            assert not heavy
+            continue
+        seen_tool_task = True
+        assert all(lab != lib.IGNORE_INDEX for lab, w in zip(labels, weights, strict=True) if w == 4.0)
+        assert tokenizer.decode(heavy, skip_special_tokens=False).endswith(
+            task.final_answer + "<|im_end|>")
+    assert seen_tool_task
+
+
+def test_weighted_loss_is_the_plain_mean_under_unit_weights():
+    torch.manual_seed(0)
+    shape = lib.LlamaShape(vocab_size=50, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = lib.LlamaForCausalLM(shape)
+    ids = torch.randint(0, 50, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = lib.IGNORE_INDEX
+    plain = model.loss(ids, labels)
+    assert torch.allclose(model.loss(ids, labels, weights=torch.ones(2, 12)), plain)
+    weights = torch.ones(2, 12)
+    weights[0, 8:] = 10.0
+    assert not torch.allclose(model.loss(ids, labels, weights=weights), plain)
