@@ -100,13 +100,43 @@ def run(args: argparse.Namespace) -> int:
     tools = _server_tools(args)  # a bad --tools module or --mcp file fails before the model loads
     config = resolve_engine_config(args.model, **engine_options(args))
     configure_threads(config.threads or None)
-    front = AsyncEngine(LLMEngine(config))
+    front = AsyncEngine(LLMEngine(config), own_thread=False)
+    app = create_app(front, settings, tools=tools)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    return serve_with_engine_on_main_thread(server, front)
+
+
+def serve_with_engine_on_main_thread(server, front) -> int:
+    """HTTP on a background thread, the engine loop on this (the main) thread: see
+    `engine/async_engine.py` for why the engine wants the process's initial thread.
+    SIGINT / SIGTERM stop both; a server that fails to start (port taken) stops the
+    engine and makes the exit status 1."""
+    import signal
+    import threading
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            front.shutdown()
+
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="agentcpu-http", daemon=True)
+    thread.start()
     try:
-        app = create_app(front, settings, tools=tools)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        front.run_here()
     finally:
+        server.should_exit = True
         front.shutdown()
-    return 0
+        thread.join(timeout=30)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1
 
 
 def _server_tools(args: argparse.Namespace):

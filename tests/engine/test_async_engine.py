@@ -71,3 +71,49 @@ def test_leaving_early_aborts_and_frees_blocks(engine):
         assert asyncio.run(main()) == (0, False)
     finally:
         front.shutdown()
+
+
+class _OneRequestServer:
+    """Stands in for uvicorn.Server in `serve_with_engine_on_main_thread`: its `run`
+    (on the HTTP thread) streams one request through the engine, which runs here."""
+
+    def __init__(self, front: AsyncEngine, prompt, fail: bool = False):
+        self.front, self.prompt, self.fail = front, prompt, fail
+        self.started = False
+        self.should_exit = False
+        self.outputs: list = []
+
+    def run(self) -> None:
+        if self.fail:  # uvicorn logs the bind error and returns without starting
+            return
+        self.started = True
+
+        async def go():
+            self.outputs = [o async for o in self.front.generate(self.prompt, greedy(6), "m0")]
+
+        asyncio.run(go())
+
+
+def test_engine_loop_on_the_main_thread_serves_and_stops(engine):
+    from agentcpu.commands.serve import serve_with_engine_on_main_thread
+
+    prompt = random_prompts(1, [9], seed=8)[0]
+    expected = run_all(engine, [prompt], greedy(6))
+    front = AsyncEngine(engine, own_thread=False)
+    server = _OneRequestServer(front, prompt)
+    assert serve_with_engine_on_main_thread(server, front) == 0
+    assert server.outputs[-1].finished and server.outputs[-1].token_ids == expected[0]
+    threaded = AsyncEngine(engine)
+    try:
+        with pytest.raises(RuntimeError, match="own thread"):
+            threaded.run_here()
+    finally:
+        threaded.shutdown()
+
+
+def test_a_server_that_cannot_start_stops_the_engine_with_status_1(engine):
+    from agentcpu.commands.serve import serve_with_engine_on_main_thread
+
+    front = AsyncEngine(engine, own_thread=False)
+    server = _OneRequestServer(front, [1, 2, 3], fail=True)
+    assert serve_with_engine_on_main_thread(server, front) == 1
