@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import openai
 import pytest
@@ -185,6 +186,10 @@ def test_full_queue_is_429_with_retry_after(queue_server):
         gate.set()
         blocked.result(30)
     assert len([c for c in held if c.choices and c.choices[0].finish_reason]) == 2
+    # the slot is released in the handler's `finally`, just after the last bytes go out
+    deadline = time.monotonic() + 5
+    while queue_server.state.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert queue_server.state.admission.in_flight == 0
     r = client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
