@@ -2,10 +2,10 @@
 
 The engine loop runs in its own thread (PyTorch releases the GIL inside kernels, so the
 event loop stays responsive) or, with `own_thread=False`, on whichever thread calls
-`run_here()` — `agentcpu serve` gives it the main thread, because OpenMP parallel regions
-started from the process's initial thread reuse a spinning worker team, while from any
-other thread each region costs ~55 us more here (measured: one bf16 GEMV 42 -> 101 us;
-a decode step, ~240 regions, 34 -> 46 ms). Requests and aborts reach it through a command queue, and
+`run_here()`. `agentcpu serve` gives it the main thread: OpenMP parallel regions started
+from the process's initial thread reuse a spinning worker team, while from any other
+thread each region costs ~55 us more here (one bf16 GEMV 42 -> 101 us; a decode step,
+~240 regions, 34 -> 46 ms). Requests and aborts reach the loop through a command queue, and
 outputs come back to each caller's asyncio queue via `call_soon_threadsafe`. Leaving the
 `generate` iterator early (client disconnect, cancellation) aborts the request, which
 frees its KV blocks at once.

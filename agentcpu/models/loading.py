@@ -133,13 +133,13 @@ def load_gguf_model(gguf: GGUFModelFile, config: EngineConfig) -> nn.Module:
 
     cfg, dtype = config.model_config, DTYPES[config.dtype]
     allowed = QUANTIZED_FORMATS if config.quant is None else (parse_quant(config.quant)[0],)
-    swapped: list = []
+    swapped = []  # the hook's (targets, float layers), set while the model is on meta
 
     def swap(model: nn.Module) -> None:
-        swapped.extend(_swap_direct_linears(model, _gguf_types(gguf), allowed))
+        swapped.append(_swap_direct_linears(model, _gguf_types(gguf), allowed))
 
     model = build_model(cfg, config.dtype, config.max_model_len, before_allocation=swap)
-    targets, floats = swapped
+    targets, floats = swapped[0]
     direct, dequantized = _fill_from_gguf(model, gguf, cfg, dtype, targets)
     log.info("%s", gguf_load_summary(direct, dequantized))
     if config.quant is not None and floats:
