@@ -77,9 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from a saved model directory (its tokenizer, shape and"
                              " weights; the optimizer starts fresh)")
-    parser.add_argument("--prefix-refresh-steps", type=int, default=4,
+    parser.add_argument("--prefix-refresh-steps", type=int, default=1,
                         help="recompute the shared prefix's keys/values (without gradient) every"
-                             " N steps; 0 = run it with gradient every step")
+                             " N steps; 0 = run it with gradient every step. Keep 1: keys"
+                             " even 4 steps stale kept the model from learning to copy")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="loss weight of assistant tokens written after a tool response"
                              " (the answers that must copy the tool's result)")

@@ -27,31 +27,30 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from agentcpu.demo.runner import DEMO_MODEL_DIR, run_demo
-    from agentcpu.engine.async_engine import AsyncEngine
+    from agentcpu.engine.async_engine import AsyncEngine, run_beside_engine
     from agentcpu.llm import LLM
     from agentcpu.tools.parsers import detect_tool_format
 
     console = Console()
     llm = LLM(args.model or str(DEMO_MODEL_DIR), **engine_options(args))
     tool_format = detect_tool_format(llm.tokenizer.chat_template)
-    front = AsyncEngine(llm.engine)
+    front = AsyncEngine(llm.engine, own_thread=False)  # the engine loop gets the main thread
     columns = (TextColumn("[bold]agents"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ok]} correct"), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
-            bar = progress.add_task("tasks", total=args.tasks, ok=0)
-            correct = [0]
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("tasks", total=args.tasks, ok=0)
+        correct = [0]
 
-            def done(outcome):
-                correct[0] += outcome.correct
-                progress.update(bar, advance=1, ok=correct[0])
-                if args.trace:
-                    _print_trace(console, outcome)
+        def done(outcome):
+            correct[0] += outcome.correct
+            progress.update(bar, advance=1, ok=correct[0])
+            if args.trace:
+                _print_trace(console, outcome)
 
-            report = asyncio.run(
-                run_demo(front, llm.tokenizer, tool_format, args.tasks, args.seed, args.concurrency, not args.no_constrain, done)
-            )
-    finally:
-        front.shutdown()
+        def agents():
+            return asyncio.run(run_demo(front, llm.tokenizer, tool_format, args.tasks, args.seed,
+                                        args.concurrency, not args.no_constrain, done))
+
+        report = run_beside_engine(front, agents, name="agentcpu-agents")
     _print_summary(console, report, llm.engine)
     return 0 if report.success_rate >= args.min_success else 1
 

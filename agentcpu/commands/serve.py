@@ -114,26 +114,17 @@ def serve_with_engine_on_main_thread(server, front) -> int:
     SIGINT / SIGTERM stop both; a server that fails to start (port taken) stops the
     engine and makes the exit status 1."""
     import signal
-    import threading
 
-    def http() -> None:
-        try:
-            server.run()
-        finally:
-            front.shutdown()
+    from agentcpu.engine.async_engine import run_beside_engine
 
-    def stop(signum, frame) -> None:
+    def stop_http() -> None:
         server.should_exit = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=http, name="agentcpu-http", daemon=True)
-    thread.start()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_http())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        front.run_here()
+        run_beside_engine(front, server.run, name="agentcpu-http", stop_work=stop_http)
     finally:
-        server.should_exit = True
-        front.shutdown()
-        thread.join(timeout=30)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if server.started else 1

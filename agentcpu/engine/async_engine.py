@@ -2,7 +2,8 @@
 
 The engine loop runs in its own thread (PyTorch releases the GIL inside kernels, so the
 event loop stays responsive) or, with `own_thread=False`, on whichever thread calls
-`run_here()`. `agentcpu serve` gives it the main thread: OpenMP parallel regions started
+`run_here()`. `agentcpu serve` and `agentcpu demo` give it the main thread
+(`run_beside_engine`): OpenMP parallel regions started
 from the process's initial thread reuse a spinning worker team, while from any other
 thread each region costs ~55 us more here (one bf16 GEMV 42 -> 101 us; a decode step,
 ~240 regions, 34 -> 46 ms). Requests and aborts reach the loop through a command queue, and
@@ -17,8 +18,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from agentcpu.engine.constraint import TokenConstraint
 from agentcpu.engine.llm_engine import LLMEngine
@@ -28,6 +30,8 @@ from agentcpu.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # how often an idle engine thread wakes to expire session pins
+WORK_JOIN_TIMEOUT_S = 30.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,6 +114,18 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # shutdown or Ctrl-C: no caller may wait forever on a stream
+            for request_id, stream in self._streams.items():
+                stream.put(RuntimeError("the engine stopped"))
+                try:
+                    self.engine.abort(request_id)
+                except Exception:  # interrupted mid-step: the caller is told all the same
+                    log.exception("could not abort %s while stopping", request_id)
+            self._streams.clear()
+
+    def _loop(self) -> None:
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_unfinished():
@@ -162,3 +178,33 @@ class AsyncEngine:
             self.engine.abort(request_id)
             stream.put(RuntimeError(f"engine step failed: {error}"))
         self._streams.clear()
+
+
+def run_beside_engine(front: AsyncEngine, work: Callable[[], T], name: str = "agentcpu-front",
+                      stop_work: Callable[[], None] | None = None) -> T:
+    """Run `work()` on a second thread while `front`'s engine loop runs on the calling (main)
+    thread, and return what `work` returns (or raise what it raised). The engine stops when
+    `work` ends; if the engine loop ends first (shutdown, Ctrl-C), `stop_work()` asks `work`
+    to finish. `front` must have been made with `own_thread=False`."""
+    result: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = work()
+        except BaseException as e:  # handed to the caller's thread below
+            result["error"] = e
+        finally:
+            front.shutdown()
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        front.run_here()
+    finally:
+        front.shutdown()
+        if stop_work is not None and thread.is_alive():
+            stop_work()
+        thread.join(timeout=WORK_JOIN_TIMEOUT_S)
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result.get("value")  # type: ignore[return-value]

@@ -117,3 +117,40 @@ def test_a_server_that_cannot_start_stops_the_engine_with_status_1(engine):
     front = AsyncEngine(engine, own_thread=False)
     server = _OneRequestServer(front, [1, 2, 3], fail=True)
     assert serve_with_engine_on_main_thread(server, front) == 1
+
+
+def test_run_beside_engine_returns_or_raises_what_the_work_did(engine):
+    from agentcpu.engine.async_engine import run_beside_engine
+
+    prompt = random_prompts(1, [7], seed=9)[0]
+    expected = run_all(engine, [prompt], greedy(5))
+
+    front = AsyncEngine(engine, own_thread=False)
+
+    async def collect():
+        return [o async for o in front.generate(prompt, greedy(5), "w0")]
+
+    outputs = run_beside_engine(front, lambda: asyncio.run(collect()))
+    assert outputs[-1].finished and outputs[-1].token_ids == expected[0]
+
+    def broken():
+        raise ValueError("work failed")
+
+    with pytest.raises(ValueError, match="work failed"):
+        run_beside_engine(AsyncEngine(engine, own_thread=False), broken)
+
+
+def test_a_stopped_engine_fails_its_waiting_streams(engine):
+    """Shutdown (or Ctrl-C on the engine's thread) must not leave a caller waiting forever."""
+    from agentcpu.engine.async_engine import run_beside_engine
+
+    front = AsyncEngine(engine, own_thread=False)
+    prompt = random_prompts(1, [7], seed=10)[0]
+
+    async def wait_forever():
+        front.call(lambda eng: front.shutdown())  # the engine stops while the request runs
+        return [o async for o in front.generate(prompt, greedy(50), "s0")]
+
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        run_beside_engine(front, lambda: asyncio.run(wait_forever()))
+    assert not engine.has_unfinished()  # its request was aborted, its blocks freed
