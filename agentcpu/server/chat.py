@@ -189,6 +189,8 @@ def _tool_format(
 async def _constraints(state, body, tools, tool_choice, tool_format) -> list:
     response_format = body.response_format
     wants_json = response_format is not None and response_format.type != "text"
+    if not body.constrain_tool_calls:
+        tool_format = None
     if not wants_json and tool_format is None:
         return [None] * body.n
     kwargs = dict(

@@ -188,6 +188,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    constrain_tool_calls: bool = Field(
+        default=True,
+        description="extension: false leaves tool calls to the model (no grammar; the server "
+        "still parses what it writes, and text that does not parse stays content)",
+    )
     # extensions: the server runs the agent loop with its own tools (server/agent_run.py)
     server_tools: Literal["all"] | Annotated[list[str], Field(min_length=1)] | None = Field(
         default=None,

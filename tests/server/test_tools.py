@@ -244,6 +244,20 @@ def test_parallel_tool_calls_false_keeps_one_call(tool_server):
         _validate_calls(choice.message, tools)
 
 
+def test_constrain_tool_calls_false_leaves_the_model_unconstrained(tool_server):
+    """The extension that measures a model's own tool-call JSON: with the grammar off, a
+    random-weight model asked for a required call writes text, not a call."""
+    tools = [_tool("string", SCHEMAS["string"])]
+    base = dict(model=MODEL_NAME, messages=USER, tools=tools, tool_choice="required", n=3,
+                seed=11, temperature=1.0, max_tokens=24)
+    client = tool_server.client()
+    constrained = client.chat.completions.create(**base)
+    free = client.chat.completions.create(**base, extra_body={"constrain_tool_calls": False})
+    assert all(c.message.tool_calls for c in constrained.choices)
+    assert not any(c.message.tool_calls for c in free.choices)
+    assert all(c.finish_reason == "length" and c.message.content for c in free.choices)
+
+
 def test_response_format_json_schema_strict_and_json_object(tool_server):
     schema = SCHEMAS["mixed"]
     client = tool_server.client()
