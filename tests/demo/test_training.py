@@ -183,3 +183,39 @@ def test_weighted_loss_is_the_plain_mean_under_unit_weights():
     weights = torch.ones(2, 12)
     weights[0, 8:] = 10.0
     assert not torch.allclose(model.loss(ids, labels, weights=weights), plain)
+
+
+def test_copy_batch_repeats_its_tokens_and_labels_only_the_repeat():
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        ids, labels = train_demo_model.copy_batch(4, 100, 10, 5, rng)
+        length = (ids.shape[1] - 1) // 2
+        assert train_demo_model.COPY_MIN_LEN <= length <= train_demo_model.COPY_MAX_LEN
+        assert torch.equal(ids[:, :length], ids[:, length + 1:])
+        assert (ids[:, length] == 5).all() and (ids[:, :length] >= 10).all()
+        assert (labels[:, : length + 1] == lib.IGNORE_INDEX).all()
+        assert torch.equal(labels[:, length + 1:], ids[:, length + 1:])
+
+
+def test_copy_pretraining_and_auxiliary_copy_loss_run(trained, tmp_path):
+    _, summary, data = trained
+    args = train_demo_model.parse_args([
+        "--data", str(data), "--out", str(tmp_path / "copy"), "--steps", "3", "--threads", "1",
+        "--batch-size", "8", "--lr", "1e-3", "--copy-pretrain-steps", "3", "--copy-weight", "0.5",
+        "--copy-rows", "4", "--time-budget-min", "1", *TINY_MODEL_FLAGS])
+    run = train_demo_model.train(args)
+    assert len(run["losses"]) == 3
+    assert all(loss == loss and loss > 0 for loss in run["losses"])  # finite, not NaN
+    assert (tmp_path / "copy" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_tokenizer_cuts_digit_runs_into_groups(group):
+    texts = [f"value {n} and {n * 7}.{n % 100:02d}" for n in range(1000, 3000, 7)] * 3
+    tokenizer = lib.train_tokenizer(texts, 600, digit_group=group)
+    pieces = tokenizer.encode("result 1234567.89 units").tokens
+    digits = [p for p in pieces if p.isdigit()]
+    assert "".join(digits) == "123456789"
+    assert all(len(p) <= group for p in digits)
+    words = [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str("1234567")]
+    assert words == (["123", "456", "7"] if group == 3 else list("1234567"))
