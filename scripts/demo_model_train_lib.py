@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -215,6 +215,32 @@ class LlamaForCausalLM(nn.Module):
         losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         kept = weights[:, 1:][keep]
         return (losses * kept).sum() / kept.sum()
+
+
+def transplant_vocabulary(model: LlamaForCausalLM, old_tokenizer, new_tokenizer,
+                          seed: int = 0) -> LlamaForCausalLM:
+    """`model` over `new_tokenizer`'s vocabulary: every layer as trained; a token both
+    vocabularies hold keeps its embedding; a new one starts as the mean embedding of its
+    text's pieces under the old tokenizer (plus a little noise, so "144" and "414" differ).
+    This carries what a model learned (format, lookups) over to a changed tokenizer."""
+    new = LlamaForCausalLM(replace(model.shape, vocab_size=new_tokenizer.get_vocab_size()))
+    state = {k: v for k, v in model.state_dict().items() if k != "model.embed_tokens.weight"}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert missing == ["model.embed_tokens.weight"] and not unexpected, (missing, unexpected)
+    old = model.model.embed_tokens.weight.detach()
+    old_vocab = old_tokenizer.get_vocab()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        table = new.model.embed_tokens.weight
+        for token, new_id in new_tokenizer.get_vocab().items():
+            if token in old_vocab:
+                table[new_id] = old[old_vocab[token]]
+                continue
+            text = new_tokenizer.decode([new_id], skip_special_tokens=False)
+            pieces = old_tokenizer.encode(text, add_special_tokens=False).ids
+            noise = torch.randn(old.shape[1], generator=generator) * old.std() * 0.1
+            table[new_id] = (old[pieces].mean(0) if pieces else 0) + noise
+    return new
 
 
 def count_parameters(model: nn.Module) -> int:

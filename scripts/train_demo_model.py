@@ -43,6 +43,7 @@ from demo_model_train_lib import (  # noqa: E402
     save_hf_directory,
     shared_prefix_text,
     train_tokenizer,
+    transplant_vocabulary,
 )
 
 TOKENIZER_SAMPLE = 40_000
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from a saved model directory (its tokenizer, shape and"
                              " weights; the optimizer starts fresh)")
+    parser.add_argument("--retokenize", action="store_true",
+                        help="with --init-from: train a new tokenizer (e.g. another"
+                             " --digit-group) and carry the model over to it"
+                             " (transplant_vocabulary)")
     parser.add_argument("--prefix-refresh-steps", type=int, default=1,
                         help="recompute the shared prefix's keys/values (without gradient) every"
                              " N steps; 0 = run it with gradient every step. Keep 1: keys"
@@ -216,8 +221,10 @@ def train(args: argparse.Namespace) -> dict:
     records = load_conversations(args.data, args.max_conversations)
     initial = load_initial(args.init_from) if args.init_from else None
     tokenizer, prefix_ids, examples = build_examples(
-        records, args.vocab_size, log, initial[0] if initial else None, args.answer_weight,
-        args.digit_group)
+        records, args.vocab_size, log, initial[0] if initial and not args.retokenize else None,
+        args.answer_weight, args.digit_group)
+    if initial and args.retokenize:
+        initial = (tokenizer, transplant_vocabulary(initial[1], initial[0], tokenizer, args.seed))
     shape = LlamaShape(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)

@@ -39,9 +39,6 @@ from agentcpu.tools.parsers import tool_markers_are_special
 
 router = APIRouter()
 
-# Formats whose trigger (`[TOOL_CALLS]`, `<|python_tag|>`) is a special token: their
-# output is decoded with special tokens kept, or the parser would never see the trigger.
-
 
 @dataclass
 class ChatPlan:
@@ -142,6 +139,8 @@ async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan
     ]
     tool_format = _tool_format(state, tools, tool_choice)
     if tool_markers_are_special(state.tokenizer, tool_format):
+        # the trigger (`[TOOL_CALLS]`, `<|python_tag|>`) is a special token: keep special
+        # tokens in the decoded text, or the parser would never see it
         for p in params:
             p.skip_special_tokens = False
     constraints = await _constraints(state, body, tools, tool_choice, tool_format)

@@ -219,3 +219,33 @@ def test_tokenizer_cuts_digit_runs_into_groups(group):
     assert all(len(p) <= group for p in digits)
     words = [w for w, _ in tokenizer.pre_tokenizer.pre_tokenize_str("1234567")]
     assert words == (["123", "456", "7"] if group == 3 else list("1234567"))
+
+
+def test_transplant_vocabulary_keeps_what_the_model_computes_on_shared_tokens():
+    texts = [f"the answer is {n * 13} and the city is Oslo" for n in range(1000)] * 2
+    old_tokenizer = lib.train_tokenizer(texts, 400, digit_group=1)
+    new_tokenizer = lib.train_tokenizer(texts, 600, digit_group=3)
+    torch.manual_seed(0)
+    shape = lib.LlamaShape(vocab_size=old_tokenizer.get_vocab_size(), hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1)
+    old = lib.LlamaForCausalLM(shape)
+    new = lib.transplant_vocabulary(old, old_tokenizer, new_tokenizer)
+    assert new.shape.vocab_size == new_tokenizer.get_vocab_size() != shape.vocab_size
+    text = "the city is Oslo and the answer is"
+    old_enc, new_enc = old_tokenizer.encode(text), new_tokenizer.encode(text)
+    assert old_enc.tokens == new_enc.tokens
+    with torch.no_grad():
+        old_logits = old(torch.tensor([old_enc.ids]))[0]
+        new_logits = new(torch.tensor([new_enc.ids]))[0]
+    shared = [(old_tokenizer.token_to_id(t), i) for t, i in new_tokenizer.get_vocab().items()
+              if old_tokenizer.token_to_id(t) is not None]
+    old_ids, new_ids = zip(*shared, strict=True)
+    assert torch.allclose(old_logits[:, list(old_ids)], new_logits[:, list(new_ids)], atol=1e-5)
+    # a new multi-digit token starts near the mean of its digits' embeddings
+    number = new_tokenizer.token_to_id("130")
+    assert number is not None and old_tokenizer.token_to_id("130") is None
+    digits = [old_tokenizer.token_to_id(d) for d in "130"]
+    table = old.model.embed_tokens.weight
+    assert torch.allclose(new.model.embed_tokens.weight[number], table[digits].mean(0),
+                          atol=0.5 * table.std().item())
