@@ -8,7 +8,8 @@ On a shared 2-core machine one thread beats two (the second thread waits at ever
 barrier while other processes hold the cores).
 
 Continue a saved model (same tokenizer and shape, fresh optimizer) with
-`--init-from agentcpu/assets/demo-model --lr 1e-3`.
+`--init-from agentcpu/assets/demo-model --lr 1e-3`; add `--retokenize` to move it onto a
+freshly trained tokenizer (e.g. the digit-group one) without losing what it learned.
 
 Writes a Hugging Face directory (config.json, bf16 model.safetensors, tokenizer files,
 generation_config.json) at start-up-plus-every-`--checkpoint-every-min` and at the end, so
