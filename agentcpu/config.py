@@ -146,11 +146,14 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    long_prefill_threshold: int = 512
+    # while streams decode, cap a step's prefill tokens to about this wall time (0: off)
+    max_step_ms: float = 500.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_step_ms < 0:
+            raise InvalidRequestError(f"max_step_ms must be >= 0, got {self.max_step_ms}")
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,11 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        started = time.perf_counter()
         results = self.runner.execute(scheduled)
+        decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
+        prefill = sum(s.num_new_tokens for s in scheduled) - decodes
+        self.scheduler.cost.observe(decodes, prefill, time.perf_counter() - started)
         self.stats.steps += 1
         for s in scheduled:
             s.request.num_computed_tokens += s.num_new_tokens

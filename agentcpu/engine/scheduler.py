@@ -1,9 +1,16 @@
 """Each step: which requests advance, and by how many tokens.
 
-Running requests go first (decodes and unfinished prefill chunks), then waiting ones are
-admitted while the token budget, the sequence limit and the KV pool allow. A running
-request that cannot get a block preempts the most recently admitted one (its blocks are
-freed; it is recomputed later, mostly from the prefix cache). Integers and block ids only.
+Decodes (running requests one token from the end) go first, so a stream never waits
+behind someone else's prompt; then unfinished prefill chunks of running requests, then
+waiting requests are admitted while the token budget, the sequence limit and the KV pool
+allow. While any decode is in the step, prefill tokens are also capped so the step stays
+near `max_step_ms` (`StepCostModel` learns the cost of a token online): this bounds the
+gap between two tokens of a stream, which a token budget alone does not on a slow CPU.
+
+A decode that cannot get a block preempts the most recently admitted request (its
+blocks are freed; it is recomputed later, mostly from the prefix cache). A prefill
+chunk that cannot get a block preempts a later request not in this step, or waits for
+the next step. Integers and block ids only.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 
 from agentcpu.config import SchedulerConfig
 from agentcpu.engine.request import Request, RequestStatus
+from agentcpu.engine.step_cost import StepCostModel
 from agentcpu.kvcache.manager import KVCacheManager
 
 
@@ -34,6 +42,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.cost = StepCostModel()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -44,32 +53,74 @@ class Scheduler:
     def schedule(self) -> list[ScheduledRequest]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        budget = self._schedule_running(scheduled, budget)
-        self._admit_waiting(scheduled, budget)
+        budget = self._schedule_decodes(scheduled, budget)
+        prefill_budget = budget
+        if scheduled and self.config.max_step_ms > 0:
+            cap = self.cost.prefill_budget(self.config.max_step_ms / 1000)
+            if cap is not None:
+                prefill_budget = min(budget, cap)
+        prefill_budget = self._schedule_prefill_chunks(scheduled, prefill_budget)
+        self._admit_waiting(scheduled, prefill_budget)
         return scheduled
 
-    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+    def _schedule_decodes(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_tokens - request.num_computed_tokens != 1:
+                i += 1
+                continue
+            while not self.kv.allocate(request, 1):
+                victim = self.running.pop()  # index >= i: not scheduled yet
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, 1))
+                budget -= 1
+                i += 1
+        return budget
+
+    def _schedule_prefill_chunks(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        in_step = {id(s.request) for s in scheduled}
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            if id(request) in in_step:
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, n):
-                victim = self.running.pop()
+                victim = self._prefill_victim(after=i, in_step=in_step)
+                if victim is None:
+                    if scheduled:  # the step's other requests will free or preempt
+                        return 0
+                    victim = request
+                self.running.remove(victim)
                 self._preempt(victim)
                 if victim is request:
                     break
             else:
                 scheduled.append(ScheduledRequest(request, n))
+                in_step.add(id(request))
                 budget -= n
                 i += 1
         return budget
+
+    def _prefill_victim(self, after: int, in_step: set[int]) -> Request | None:
+        """The most recently admitted running request after index `after` that is not
+        in this step (preempting a scheduled one would unschedule it)."""
+        for request in reversed(self.running[after + 1:]):
+            if id(request) not in in_step:
+                return request
+        return None
 
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hits = self.kv.match_prefix(request)
             remaining = request.num_tokens - len(hits) * self.kv.block_size
-            n = min(remaining, budget, self._chunk_limit())
+            n = min(remaining, budget)
             if not self.kv.allocate(request, n, hits):
                 break
             if request.num_cached_tokens < 0:
@@ -79,9 +130,6 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
-
-    def _chunk_limit(self) -> int:
-        return self.config.max_num_batched_tokens
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -56,6 +56,7 @@ def resolve_engine_config(
     enable_prefix_caching: bool = True,
     max_num_seqs: int = 64,
     max_num_batched_tokens: int = 1024,
+    max_step_ms: float = 500.0,
     threads: int = 0,
     quant: str | None = None,
     pin_ttl_s: float = 30.0,
@@ -87,7 +88,7 @@ def resolve_engine_config(
             spill_gb=spill_gb,
             spill_dir=spill_dir,
         ),
-        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_step_ms),
     )
 
 

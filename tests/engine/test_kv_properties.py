@@ -15,6 +15,7 @@ from agentcpu.config import SchedulerConfig
 from agentcpu.engine.request import Request
 from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.engine.scheduler import Scheduler
+from agentcpu.engine.step_cost import StepCostModel
 from agentcpu.kvcache.manager import KVCacheManager
 
 BLOCK = 4
@@ -41,10 +42,12 @@ def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(event, max_size=60), st.integers(1, 16))
-def test_no_leak_no_shared_write(events, budget):
+@given(st.lists(event, max_size=60), st.integers(1, 16), st.integers(0, 8))
+def test_no_leak_no_shared_write(events, budget, prefill_cap):
     kv = KVCacheManager(NUM_BLOCKS, BLOCK, pin_budget_blocks=NUM_BLOCKS // 2)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget), kv)
+    if prefill_cap:  # the step-time cap, as if learned: `prefill_cap` tokens beside decodes
+        scheduler.cost = StepCostModel(min_chunk=1, decode_step_s=0.0, prefill_token_s=0.5 / prefill_cap)
     slot_token: dict[int, int] = {}
     live: list[Request] = []
     for i, ev in enumerate(events):
