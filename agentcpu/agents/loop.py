@@ -22,14 +22,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentcpu.agents.pin_ttl import pin_ttl_from_latencies
 from agentcpu.engine.async_engine import AsyncEngine
 from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.tools.executor import ToolCall, ToolExecutor
 from agentcpu.tools.registry import ToolResult
-
-MIN_PIN_TTL_S = 5.0
-MAX_PIN_TTL_S = 300.0
-PIN_TTL_LATENCY_FACTOR = 3.0  # keep KV for a few times the tools' typical latency
 
 
 @dataclass
@@ -230,11 +227,7 @@ class AgentLoop:
     def _pin_ttl(self) -> float | None:
         """A few times the slowest recent tool latency, clamped; None: engine default."""
         names = self.executor.registry.names() if self.tool_names is None else self.tool_names
-        emas = [self.executor.latency_ema(name) for name in names]
-        known = [e for e in emas if e is not None]
-        if not known:
-            return None
-        return min(MAX_PIN_TTL_S, max(MIN_PIN_TTL_S, PIN_TTL_LATENCY_FACTOR * max(known)))
+        return pin_ttl_from_latencies(self.executor.latency_ema(name) for name in names)
 
 
 def _parsed(result) -> tuple[str, list[ToolCall]]:

@@ -82,9 +82,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     plan = await plan_chat(state, body)
     ticket = state.admission.admit(len(plan.params))
     session = session_id(request, body, plan)
+    pin_ttl = client_tool_pin_ttl(state, body, plan)
     streams = [
         engine_stream(
-            state, plan.prompt, params, f"{plan.id}-{i}", arrival, constraint, session if i == 0 else None
+            state, plan.prompt, params, f"{plan.id}-{i}", arrival, constraint,
+            session if i == 0 else None, pin_ttl,
         )
         for i, (params, constraint) in enumerate(zip(plan.params, plan.constraints, strict=True))
     ]
@@ -117,6 +119,18 @@ def session_id(request: Request, body: ChatCompletionRequest, plan: ChatPlan) ->
     if named:
         return f"s:{named}"
     return f"anon:{plan.id}" if plan.tools else None
+
+
+def client_tool_pin_ttl(state: ServerState, body: ChatCompletionRequest, plan: ChatPlan) -> float | None:
+    """Count the tool results this request brings back (how long the client's tools
+    took), then the pin TTL for this turn: from the offered tools' recent latency, or
+    None (the engine's default) before any is known."""
+    state.tool_pauses.results_seen(
+        {"role": m.role, "tool_call_id": getattr(m, "tool_call_id", None)} for m in body.messages
+    )
+    if not plan.tools:
+        return None
+    return state.tool_pauses.pin_ttl(t["function"]["name"] for t in plan.tools if "function" in t)
 
 
 async def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
@@ -257,6 +271,7 @@ def chat_response(
         zip(finals, plan.choice_outputs(body.parallel_tool_calls), strict=True)
     ):
         content, tool_calls = output.complete(out)
+        state.tool_pauses.calls_issued(output.issued_calls)
         choices.append(
             {
                 "index": index,
@@ -312,6 +327,7 @@ async def stream_chat(
                 yield chunk(index, delta, reason, logprobs)
             if out.finished:
                 finals[index] = out
+                state.tool_pauses.calls_issued(output.issued_calls)
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(plan, finals)})
     except Exception as e:  # headers are sent: report in-band, as OpenAI does

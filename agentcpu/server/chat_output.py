@@ -42,6 +42,17 @@ class ChatChoiceOutput:
         self.content_sent = ""
         self.calls_sent: dict[int, str] = {}  # index -> arguments sent so far
         self.made_tool_calls = False
+        self._call_names: dict[int, dict] = {}  # index -> {"id", "name"} as they appear
+
+    @property
+    def issued_calls(self) -> list[dict]:
+        """The tool calls this output made, as `{"id", "function": {"name"}}` (for
+        learning how long the client takes to run them: `server/tool_pauses.py`)."""
+        return [
+            {"id": c["id"], "function": {"name": c["name"]}}
+            for c in self._call_names.values()
+            if c.get("id") and c.get("name")
+        ]
 
     # -- non-streamed ---------------------------------------------------------------
 
@@ -56,6 +67,8 @@ class ChatChoiceOutput:
         calls = list(result.tool_calls)[: self.max_calls]
         self.made_tool_calls = bool(calls)
         content = result.content if calls else result.content or ""  # null only beside calls
+        for index, call in enumerate(calls):
+            self._call_names[index] = {"id": call.id, "name": call.name}
         return content, [tool_call_json(c) for c in calls]
 
     # -- streamed -------------------------------------------------------------------
@@ -91,9 +104,12 @@ class ChatChoiceOutput:
         if d.index not in self.calls_sent:
             self.calls_sent[d.index] = ""
             self.made_tool_calls = True
+        names = self._call_names.setdefault(d.index, {})
         if d.id is not None:
             entry.update(id=d.id, type="function")
+            names["id"] = d.id
         if d.name is not None:
+            names["name"] = d.name
             function.update(name=d.name, arguments="")  # as OpenAI: clients append to ""
         if d.arguments_delta:
             function["arguments"] = d.arguments_delta
@@ -115,6 +131,7 @@ class ChatChoiceOutput:
             sent = self.calls_sent.get(index)
             if sent is None:
                 extra_calls.append({"index": index, **tool_call_json(call)})
+                self._call_names[index] = {"id": call.id, "name": call.name}
             elif call.arguments != sent:
                 if call.arguments.startswith(sent):
                     tail = call.arguments[len(sent) :]

@@ -15,6 +15,7 @@ from agentcpu.server.errors import ModelNotFoundError, QueueFullError
 from agentcpu.server.metrics import ServerMetrics
 from agentcpu.server.response_store import ResponseStore
 from agentcpu.server.settings import ServerSettings
+from agentcpu.server.tool_pauses import ToolPauses
 
 if TYPE_CHECKING:
     from agentcpu.server.server_tools import ServerTools
@@ -67,6 +68,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     tools: ServerTools | None = None  # what server_tools requests may run (server_tools.py)
     responses: ResponseStore | None = None  # stored /v1/responses (create_app makes one)
+    tool_pauses: ToolPauses = field(default_factory=ToolPauses)  # client tools' latency
 
     @property
     def engine(self) -> LLMEngine:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import time
 
 import jsonschema
 import pytest
@@ -301,3 +302,37 @@ def test_invalid_schema_is_400(tool_server):
             },
         )
     assert e.value.body["message"]
+
+
+def test_client_tool_pause_sets_the_next_pin_ttl(tool_server):
+    """The gap between a streamed turn's tool call and the request bringing its result is
+    learned per tool name; the next tool-offering turn is pinned for 3x that gap."""
+    pauses = tool_server.state.tool_pauses
+    tools = [_tool("slow_lookup", SCHEMAS["string"])]
+    client = tool_server.client()
+    base = dict(model=MODEL_NAME, tools=tools, max_tokens=48, seed=7, temperature=1.0)
+    calls: dict[int, dict] = {}
+    for chunk in client.chat.completions.create(**base, messages=USER, tool_choice="required", stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = call["id"] or d.id
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+    first = calls[0]
+    assert pauses.pending[first["id"]][0] == "slow_lookup"
+    time.sleep(2.0)  # the client "runs" its tool
+    messages = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": first["id"], "type": "function",
+            "function": {"name": first["name"], "arguments": first["arguments"]}}]},
+        {"role": "tool", "tool_call_id": first["id"], "content": "42"},
+    ]
+    reply = client.chat.completions.create(**base, messages=messages, tool_choice="required")
+    assert first["id"] not in pauses.pending
+    assert 2.0 <= pauses.latency["slow_lookup"] < 4.0
+    assert reply.choices[0].message.tool_calls[0].id in pauses.pending  # issued, not streamed
+    ttls = tool_server.front.call(
+        lambda e: [p.expires_at - p.pinned_at for p in e.kv.pins.pins.values()]
+    ).result(10)
+    assert any(6.0 <= t < 12.0 for t in ttls), ttls  # 3 x the pause, not the 30 s default
