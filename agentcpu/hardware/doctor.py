@@ -77,8 +77,11 @@ def _model_section(path: str, footprint: ModelFootprint, limits: dict[str, Any])
         "footprint": footprint.to_dict(),
         "roofline": {
             "stored": roofline(footprint, bandwidth, flops),
-            "int8": roofline_for_quant(footprint, 8, None, bandwidth, flops),
-            "int4_g32": roofline_for_quant(footprint, 4, INT4_GROUP_SIZE, bandwidth, flops),
+            # agentcpu.quant holds the lm_head (a tied embedding too) in int8 under both
+            "int8": roofline_for_quant(footprint, 8, None, bandwidth, flops, lm_head_bits=8),
+            "int4_g32": roofline_for_quant(
+                footprint, 4, INT4_GROUP_SIZE, bandwidth, flops, lm_head_bits=8
+            ),
         },
     }
 

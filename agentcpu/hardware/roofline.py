@@ -198,14 +198,15 @@ def quantized_footprint(
     footprint: ModelFootprint,
     bits: int,
     group_size: int | None = None,
-    quantize_lm_head: bool = False,
+    lm_head_bits: int | None = None,
 ) -> ModelFootprint:
     """The footprint after weight-only quantization of the linear layers.
 
     Assumptions: symmetric quantization, one bf16 scale per `group_size` weights along the
     input dimension (group_size None: one per output channel); norms, biases and the
     embedding keep their stored dtype; the lm_head (the embedding when tied) stays as
-    stored unless `quantize_lm_head`, in which case it is quantized like the rest.
+    stored unless `lm_head_bits` is given: then it is quantized to that many bits with one
+    scale per output channel (what `agentcpu.quant` does: int8 under int8 and int4).
     """
     if bits not in QUANT_BITS:
         raise InvalidRequestError(f"bits must be one of {QUANT_BITS}, got {bits}")
@@ -213,9 +214,11 @@ def quantized_footprint(
         raise InvalidRequestError(f"group_size must be None or >= 1, got {group_size}")
     linear_bytes = _quantized_bytes(footprint.linear_params, footprint.linear_rows, bits, group_size)
     lm_head_bytes = footprint.lm_head_bytes
-    if quantize_lm_head:
+    if lm_head_bits is not None:
+        if lm_head_bits not in QUANT_BITS:
+            raise InvalidRequestError(f"lm_head_bits must be one of {QUANT_BITS}, got {lm_head_bits}")
         lm_head_bytes = _quantized_bytes(
-            footprint.lm_head_params, footprint.lm_head_rows, bits, group_size
+            footprint.lm_head_params, footprint.lm_head_rows, lm_head_bits, None
         )
     return dataclasses.replace(
         footprint, linear_bytes=linear_bytes, lm_head_bytes=lm_head_bytes, weight_bits=bits
@@ -249,10 +252,10 @@ def roofline_for_quant(
     group_size: int | None,
     bandwidth_gbs: float,
     flops: float,
-    quantize_lm_head: bool = False,
+    lm_head_bits: int | None = None,
 ) -> dict[str, float]:
     """`roofline` of the weight-only-quantized model (see `quantized_footprint`). Pass as
     `flops` the rate of the matmul the quantized kernels actually run (bf16 after dequant,
     or int8)."""
-    quantized = quantized_footprint(footprint, bits, group_size, quantize_lm_head)
+    quantized = quantized_footprint(footprint, bits, group_size, lm_head_bits)
     return roofline(quantized, bandwidth_gbs, flops)

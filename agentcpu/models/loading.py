@@ -205,7 +205,9 @@ def _swap_direct_linears(
     for path, layer in layers:
         parts = _checkpoint_parts(model, path, layer)
         part_types = [types.get(f"{prefix}.weight") for prefix, _, _ in parts]
-        fmt = exact_format(part_types, allowed)
+        # under --quant the head is int8 whatever the method (agentcpu.quant.model), so a
+        # Q8_0 head is kept as the file's blocks rather than requantized per channel
+        fmt = exact_format(part_types, allowed + ("int8",) if path == "lm_head" else allowed)
         if fmt is None:
             floats.update(t.name for t in part_types if t is not None)
             continue

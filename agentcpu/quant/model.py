@@ -1,7 +1,12 @@
 """Quantize a loaded model by swapping every `Linear` for an int8 / int4 module.
 
-A tied LM head (`lm_head is None`: logits use the embedding matrix) is a plain F.linear,
-not a `Linear`, so it stays in the model dtype.
+The LM head is the largest single matrix of a small model (Qwen2.5-0.5B: 136 M of 494 M
+weights, 28 % of a bf16 decode step's bytes) and is read in full for every sampled
+token, so it is quantized too, to int8 per output channel under both methods (llama.cpp
+keeps it at 6-8 bits in its 4-bit files as well: logits are sensitive). A tied head
+(`lm_head is None`: logits through the embedding matrix) gets its own int8 copy; the
+embedding keeps its float table for the row lookup. Measured here (2 threads, batch 1,
+151,936 x 896): bf16 head 8.4 ms, int8 head 4.1 ms per token.
 """
 
 from __future__ import annotations
@@ -38,8 +43,16 @@ def quantize_model(
         for _, _, layer in linears:
             check_group(layer.in_features, group_size, INT4_GROUP_SIZES)
     for parent, name, layer in linears:  # one at a time: the float weight is freed as we go
-        setattr(parent, name, _quantize_linear(layer, method, group_size, symmetric))
+        quantized = Int8Linear.from_float(layer.weight.data, layer.bias) if name == "lm_head" \
+            else _quantize_linear(layer, method, group_size, symmetric)
+        setattr(parent, name, quantized)
+    _quantize_tied_head(model)
     return model
+
+
+def _quantize_tied_head(model: nn.Module) -> None:
+    if getattr(model, "lm_head", False) is None and hasattr(model, "model"):
+        model.lm_head = Int8Linear.from_float(model.model.embed_tokens.weight.data.float())
 
 
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear]]:

@@ -109,7 +109,7 @@ def test_quantized_footprint_shrinks_linear_only(tmp_path):
     assert int4.lm_head_bytes == footprint.lm_head_bytes
     assert int4.other_bytes == footprint.other_bytes
     assert int4.decode_params == footprint.decode_params
-    int8 = quantized_footprint(footprint, bits=8, group_size=None, quantize_lm_head=True)
+    int8 = quantized_footprint(footprint, bits=8, group_size=None, lm_head_bits=8)
     assert int8.linear_bytes == footprint.linear_params + footprint.linear_rows * SCALE_BYTES
     assert int8.lm_head_bytes == footprint.lm_head_params + VOCAB * SCALE_BYTES
 

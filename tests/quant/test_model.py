@@ -59,14 +59,17 @@ def test_every_linear_is_swapped_and_biases_kept(checkpoint_dir, family, method)
     before = {n: (m.in_features, m.out_features, m.bias) for n, m in _linears(engine.model).items()}
     quantize_model(engine.model, method, group_size=64)
     kind = Int8Linear if method == "int8" else Int4Linear
-    after = {n: m for n, m in engine.model.named_modules() if isinstance(m, kind)}
-    assert not _linears(engine.model) and set(after) == set(before)
+    after = {n: m for n, m in engine.model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    assert not _linears(engine.model)
+    assert set(after) == set(before) | {"lm_head"}  # a tied head gets its own int8 copy
+    assert isinstance(after.pop("lm_head"), Int8Linear)  # int8 under int4 too
+    assert all(isinstance(m, kind) for m in after.values())
+    before.pop("lm_head", None)
     for name, (k, n, bias) in before.items():
         assert (after[name].in_features, after[name].out_features) == (k, n)
         assert (bias is None) == (after[name].bias is None)
         if bias is not None:
             assert torch.equal(after[name].bias, bias)
-    assert ("lm_head" in after) == (family == "qwen2")  # a tied head stays the embedding
     assert any(m.bias is not None for m in after.values()) == (family == "qwen2")
 
 
@@ -93,6 +96,9 @@ def test_int4_logits_match_dequantized_float_model(checkpoint_dir, family, quant
     for name, module in quantized_model.named_modules():
         if isinstance(module, Int4Linear):
             ref_linears[name].weight.data.copy_(module.dequantized_weight())
+    head = quantized_model.lm_head.dequantized_weight()  # int8, also when tied
+    ref_model.model.lm_head = Linear(head.shape[1], head.shape[0], False, torch.float32)
+    ref_model.model.lm_head.weight.data.copy_(head)
     agree, rel = _compare(_logits(ref_model), _logits(fake))
     assert agree >= 0.90 and rel <= 0.06, f"{quant}: top-1 {agree:.3f}, relative error {rel:.4f}"
 
