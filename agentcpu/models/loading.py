@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 32768
 GGUF_SUFFIX = ".gguf"
 DIRECT_MODULES = {"int8": Int8Linear, "int4": Int4Linear}
+EMBED_TENSOR = "model.embed_tokens.weight"
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -141,7 +142,8 @@ def load_gguf_model(gguf: GGUFModelFile, config: EngineConfig) -> nn.Module:
 
     model = build_model(cfg, config.dtype, config.max_model_len, before_allocation=swap)
     targets, floats = swapped[0]
-    direct, dequantized = _fill_from_gguf(model, gguf, cfg, dtype, targets)
+    head_formats = allowed + ("int8",) if config.quant is not None else allowed
+    direct, dequantized = _fill_from_gguf(model, gguf, cfg, dtype, targets, head_formats)
     log.info("%s", gguf_load_summary(direct, dequantized))
     if config.quant is not None and floats:
         _log_requantized(config.quant, floats)
@@ -231,15 +233,25 @@ def _fill_from_gguf(
     cfg: ModelConfig,
     dtype: torch.dtype,
     targets: dict[str, _DirectTarget],
+    head_formats: tuple[str, ...] = (),
 ) -> tuple[Counter, Counter]:
     """Load every tensor: blocks into the direct targets, the rest dequantized through
-    `load_weights`. Returns tensor counts by (format, ggml type) and by ggml type."""
+    `load_weights`. Returns tensor counts by (format, ggml type) and by ggml type.
+
+    A tied embedding stored in a block format one of `head_formats` holds exactly also
+    becomes the LM head as those blocks (llama.cpp reads its tied Q8_0 head so): the
+    float table stays for the row lookup, and logits read 1 byte per weight, not 2."""
     direct: Counter = Counter()
     dequantized: Counter = Counter()
     loaded: set[str] = set()
 
     def float_tensors():
         for tensor in iter_gguf_tensors(gguf, cfg):
+            if tensor.name == EMBED_TENSOR and getattr(model, "lm_head", False) is None:
+                fmt = exact_format([tensor.ggml_type], head_formats)
+                if fmt is not None:
+                    model.lm_head = _tied_head_from_blocks(tensor, fmt)
+                    direct[(fmt, tensor.ggml_type.name)] += 1
             target = targets.get(tensor.name)
             if target is None:
                 dequantized[tensor.ggml_type.name] += 1
@@ -259,6 +271,13 @@ def _fill_from_gguf(
     if missing:
         raise ModelLoadError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}")
     return direct, dequantized
+
+
+def _tied_head_from_blocks(tensor, fmt: str) -> QuantizedLinear:
+    rows, columns = tensor.shape
+    head = DIRECT_MODULES[fmt].empty(rows, columns, DIRECT_GROUP_SIZE, None)
+    head.load_rows(0, quantized_weight(tensor, fmt))
+    return head
 
 
 def gguf_load_summary(direct: Counter, dequantized: Counter) -> str:

@@ -109,9 +109,10 @@ def _assert_exact(model, gguf: GGUFModelFile):
     """Every layer's (dequantized) weight and bias equal gguf's dequantization."""
     weights = _gguf_weights(gguf)
     for path, layer in _layers(model).items():
-        if path == "lm_head" and "lm_head.weight" not in weights:
-            continue  # a tied head's int8 copy (--quant): not a tensor of the file
         got = layer.weight if isinstance(layer, Linear) else layer.dequantized_weight()
+        if path == "lm_head" and "lm_head.weight" not in weights:  # tied: the embedding's blocks
+            assert torch.equal(got.float(), weights["model.embed_tokens.weight"]), path
+            continue
         assert torch.equal(got.float(), _expected(weights, path, "weight")), path
         if layer.bias is not None:
             assert torch.equal(layer.bias.float(), _expected(weights, path, "bias")), path
@@ -150,6 +151,17 @@ def test_linear_layers_become_quantized_modules_with_the_files_weights(name, ggu
     assert len(layers) >= 8
     assert all(type(m) is MODULE_FOR[gguf_type] for m in layers.values()), layers
     assert all(m.weight_data.group_size == 32 for m in layers.values())
+    _assert_exact(model, gguf)
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+def test_a_tied_embedding_in_blocks_is_also_the_head_as_blocks(gguf_type):
+    """llama-spm ties its head: logits read the file's blocks (no --quant needed); the
+    embedding keeps a float table for the lookup."""
+    gguf = GGUFModelFile(gguf_path("llama-spm", gguf_type))
+    model = _load(gguf)
+    assert type(model.lm_head) is MODULE_FOR[gguf_type]
+    assert model.model.embed_tokens.weight.dtype == torch.float32
     _assert_exact(model, gguf)
 
 
@@ -268,7 +280,6 @@ def test_quant_of_the_same_method_keeps_the_files_blocks():
     gguf = GGUFModelFile(gguf_path("llama-spm", "q4_0"))
     model = engine_model(gguf, "int4-g128")
     layers = _layers(model)
-    assert type(layers.pop("lm_head")) is Int8Linear  # tied: an int8 copy of the embedding
     assert all(type(m) is Int4Linear and m.weight_data.group_size == 32
                for m in layers.values())  # fmt: skip
     _assert_exact(model, gguf)
