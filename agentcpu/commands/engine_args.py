@@ -13,9 +13,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache pool size in GiB")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step")
-    parser.add_argument("--max-step-ms", type=float, default=500.0,
+    parser.add_argument("--max-step-ms", type=float, default=0.0,
                         help="while streams decode, cap each step's prefill to about this wall"
-                             " time, learned online (bounds the gap between tokens; 0: off)")
+                             " time, learned online (bounds the gap between tokens, e.g. 500 for chat UIs;"
+                             " costs throughput; default 0: off)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: physical cores)")
 

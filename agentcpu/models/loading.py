@@ -57,7 +57,7 @@ def resolve_engine_config(
     enable_prefix_caching: bool = True,
     max_num_seqs: int = 64,
     max_num_batched_tokens: int = 1024,
-    max_step_ms: float = 500.0,
+    max_step_ms: float = 0.0,
     threads: int = 0,
     quant: str | None = None,
     pin_ttl_s: float = 30.0,

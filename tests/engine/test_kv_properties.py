@@ -45,7 +45,8 @@ def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
 @given(st.lists(event, max_size=60), st.integers(1, 16), st.integers(0, 8))
 def test_no_leak_no_shared_write(events, budget, prefill_cap):
     kv = KVCacheManager(NUM_BLOCKS, BLOCK, pin_budget_blocks=NUM_BLOCKS // 2)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget), kv)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_step_ms=500)
+    scheduler = Scheduler(config, kv)
     if prefill_cap:  # the step-time cap, as if learned: `prefill_cap` tokens beside decodes
         scheduler.cost = StepCostModel(min_chunk=1, decode_step_s=0.0, prefill_token_s=0.5 / prefill_cap)
     slot_token: dict[int, int] = {}
