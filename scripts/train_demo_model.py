@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              " lengths 8-32 converge in ~1,350 steps at lr 1e-3, but the skill"
                              " did not carry over to positions after the shared prefix and was"
                              " gone after ~200 conversation steps (README, demo model)")
+    parser.add_argument("--oversample", type=parse_oversample, default={},
+                        help="repeat the conversations of these task kinds, e.g."
+                             " 'convert=3,days=2' (the held-out failures after ~4,000 steps"
+                             " were convert, days and compare: README, demo model)")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="loss weight of assistant tokens written after a tool response"
                              " (the answers that must copy the tool's result)")
@@ -118,6 +122,22 @@ def load_conversations(path: Path, limit: int) -> list[dict]:
             if limit and len(records) >= limit:
                 break
     return records
+
+
+def parse_oversample(text: str) -> dict[str, int]:
+    """'convert=3,days=2' -> {"convert": 3, "days": 2} (whole repeats, >= 1)."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: use KIND=N with N >= 1")
+        weights[kind.strip()] = int(count)
+    return weights
+
+
+def oversample(records: list[dict], weights: dict[str, int]) -> list[dict]:
+    """Each record `weights[kind]` times (once for kinds not named)."""
+    return [r for r in records for _ in range(weights.get(r["kind"], 1))]
 
 
 def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None,
@@ -220,7 +240,7 @@ def train(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    records = load_conversations(args.data, args.max_conversations)
+    records = oversample(load_conversations(args.data, args.max_conversations), args.oversample)
     initial = load_initial(args.init_from) if args.init_from else None
     tokenizer, prefix_ids, examples = build_examples(
         records, args.vocab_size, log, initial[0] if initial and not args.retokenize else None,

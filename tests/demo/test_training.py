@@ -249,3 +249,13 @@ def test_transplant_vocabulary_keeps_what_the_model_computes_on_shared_tokens():
     table = old.model.embed_tokens.weight
     assert torch.allclose(new.model.embed_tokens.weight[number], table[digits].mean(0),
                           atol=0.5 * table.std().item())
+
+
+def test_oversample_repeats_only_the_named_kinds():
+    records = [{"kind": "convert"}, {"kind": "weather"}, {"kind": "days"}]
+    weights = train_demo_model.parse_oversample("convert=3, days=2")
+    assert weights == {"convert": 3, "days": 2}
+    kinds = [r["kind"] for r in train_demo_model.oversample(records, weights)]
+    assert kinds == ["convert"] * 3 + ["weather"] + ["days"] * 2
+    with pytest.raises(Exception, match="KIND=N"):
+        train_demo_model.parse_oversample("convert=0")
