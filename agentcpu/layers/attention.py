@@ -27,6 +27,7 @@ class PrefillChunk:
     length: int
     context_len: int  # tokens attended to by the chunk's last token, chunk included
     context_slots: torch.Tensor | None  # [context_len] cache slots; None if no earlier context
+    mask: torch.Tensor | None = None  # offset causal mask, built by the first layer, reused
 
 
 @dataclass
@@ -75,8 +76,9 @@ def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> to
         keys, values, mask, causal = k[chunk.start : end], v[chunk.start : end], None, True
     else:
         keys, values = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
-        mask = _offset_causal_mask(chunk.length, chunk.context_len, q.device)
-        causal = False
+        if chunk.mask is None:  # same for every layer: ~0.5 ms each at 300 x 2,300
+            chunk.mask = _offset_causal_mask(chunk.length, chunk.context_len, q.device)
+        mask, causal = chunk.mask, False
     out = _sdpa(
         q.transpose(0, 1).unsqueeze(0),
         keys.transpose(0, 1).unsqueeze(0),
