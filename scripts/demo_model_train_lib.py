@@ -336,7 +336,7 @@ def save_hf_directory(model: LlamaForCausalLM, tokenizer, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().to(torch.bfloat16).contiguous()
+    state = {name: tensor.detach().to('cpu', torch.bfloat16).contiguous()
              for name, tensor in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})

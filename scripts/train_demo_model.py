@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes that render and encode the conversations")
     parser.add_argument("--time-budget-min", type=float, default=60.0)
     parser.add_argument("--checkpoint-every-min", type=float, default=5.0)
     parser.add_argument("--max-conversations", type=int, default=40_000, help="0 = all")
@@ -140,19 +142,40 @@ def oversample(records: list[dict], weights: dict[str, int]) -> list[dict]:
     return [r for r in records for _ in range(weights.get(r["kind"], 1))]
 
 
+_WORKER_STATE: tuple = ()
+
+
+def _encode_chunk(chunk: list[dict]) -> list[tuple]:
+    """Render and encode conversations in a forked worker (`_WORKER_STATE` set before fork)."""
+    tokenizer, prefix, answer_weight = _WORKER_STATE
+    return [encode_weighted_suffix(tokenizer, prefix, conversation_text(r["messages"]),
+                                   answer_weight) for r in chunk]
+
+
 def build_examples(records: list[dict], vocab_size: int, log, tokenizer=None,
-                   answer_weight: float = 1.0, digit_group: int = 3) -> tuple:
+                   answer_weight: float = 1.0, digit_group: int = 3, workers: int = 1) -> tuple:
     """Tokenized (suffix ids, labels, loss weights) per conversation; trains the tokenizer
-    unless given."""
+    unless given. `workers` > 1 renders and encodes in forked processes (hundreds of
+    thousands of conversations take minutes in one)."""
+    global _WORKER_STATE
     prefix = shared_prefix_text()
-    texts = [conversation_text(r["messages"]) for r in records]
-    log(f"rendered {len(texts)} conversations")
     if tokenizer is None:
-        suffixes = [t[len(prefix):] for t in texts[:TOKENIZER_SAMPLE]]
+        suffixes = [conversation_text(r["messages"])[len(prefix):]
+                    for r in records[:TOKENIZER_SAMPLE]]
         tokenizer = train_tokenizer(suffixes + [prefix] * PREFIX_REPEATS_FOR_TOKENIZER, vocab_size,
                                     digit_group)
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False).ids
-    examples = [encode_weighted_suffix(tokenizer, prefix, t, answer_weight) for t in texts]
+    _WORKER_STATE = (tokenizer, prefix, answer_weight)
+    if workers > 1:
+        import multiprocessing
+
+        size = max(1, len(records) // (workers * 8))
+        chunks = [records[i: i + size] for i in range(0, len(records), size)]
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            examples = [e for part in pool.map(_encode_chunk, chunks) for e in part]
+    else:
+        examples = _encode_chunk(records)
+    log(f"rendered and encoded {len(examples)} conversations")
     log(f"tokenizer vocab {tokenizer.get_vocab_size()}, prefix {len(prefix_ids)} tokens,"
         f" mean suffix {sum(len(e[0]) for e in examples) / len(examples):.1f} tokens")
     return tokenizer, prefix_ids, examples
@@ -244,7 +267,7 @@ def train(args: argparse.Namespace) -> dict:
     initial = load_initial(args.init_from) if args.init_from else None
     tokenizer, prefix_ids, examples = build_examples(
         records, args.vocab_size, log, initial[0] if initial and not args.retokenize else None,
-        args.answer_weight, args.digit_group)
+        args.answer_weight, args.digit_group, args.workers)
     if initial and args.retokenize:
         initial = (tokenizer, transplant_vocabulary(initial[1], initial[0], tokenizer, args.seed))
     shape = LlamaShape(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
