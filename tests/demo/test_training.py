@@ -259,3 +259,16 @@ def test_oversample_repeats_only_the_named_kinds():
     assert kinds == ["convert"] * 3 + ["weather"] + ["days"] * 2
     with pytest.raises(Exception, match="KIND=N"):
         train_demo_model.parse_oversample("convert=0")
+
+
+def test_encoding_in_worker_processes_gives_the_same_examples(trained):
+    """`--workers` forks encoders; their examples must equal the in-process ones, in order."""
+    out, _, data = trained
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    records = train_demo_model.load_conversations(data, 60)
+    _, prefix_ids, alone = train_demo_model.build_examples(records, 600, print, tokenizer, 2.0)
+    _, same_prefix, forked = train_demo_model.build_examples(records, 600, print, tokenizer, 2.0,
+                                                             workers=2)
+    assert same_prefix == prefix_ids and forked == alone and len(forked) == 60
