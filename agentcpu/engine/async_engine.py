@@ -39,8 +39,17 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item) -> bool:
+        """Hand `item` to the caller's event loop; False if that loop has closed (the HTTP
+        server shut down with the request in flight): nobody is listening any more, and
+        the engine thread must go on stopping, not die on RuntimeError."""
+        if self.loop.is_closed():
+            return False
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # closed between the check and the call
+            return False
+        return True
 
 
 class AsyncEngine:
@@ -142,8 +151,10 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
-                    if out.finished:
+                    if not stream.put(out):  # its caller's loop is gone: free the KV now
+                        self.engine.abort(out.request_id)
+                        del self._streams[out.request_id]
+                    elif out.finished:
                         del self._streams[out.request_id]
 
     def _drain_commands(self) -> None:

@@ -154,3 +154,32 @@ def test_a_stopped_engine_fails_its_waiting_streams(engine):
     with pytest.raises(RuntimeError, match="engine stopped"):
         run_beside_engine(front, lambda: asyncio.run(wait_forever()))
     assert not engine.has_unfinished()  # its request was aborted, its blocks freed
+
+
+def test_a_stream_whose_loop_closed_is_aborted_and_the_engine_goes_on(engine):
+    """The HTTP server shut down (its event loop closed) with a request in flight: the
+    engine thread must free that request's KV and keep serving, not die on RuntimeError."""
+    from agentcpu.engine.async_engine import _Stream
+
+    front = AsyncEngine(engine)
+    orphan_loop = asyncio.new_event_loop()
+    orphan = _Stream(orphan_loop, asyncio.Queue())
+    orphan_loop.close()
+    options = {"constraint": None, "session_id": None, "pin_ttl_s": None}
+    try:
+        front._send(("add", "orphan", random_prompts(1, [20])[0], greedy(50), orphan, options))
+
+        async def main():
+            for _ in range(200):
+                state = front.call(lambda e: (e.kv.pool.num_used, e.has_unfinished())).result(5)
+                if state == (0, False):
+                    break
+                await asyncio.sleep(0.02)
+            after = await _collect(front, random_prompts(1, [5], seed=3)[0], greedy(4), "after")
+            return state, after
+
+        state, after = asyncio.run(main())
+        assert state == (0, False) and front.num_streams == 0
+        assert front._thread.is_alive() and after[-1].finished and len(after[-1].token_ids) == 4
+    finally:
+        front.shutdown()
