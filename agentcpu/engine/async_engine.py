@@ -43,11 +43,9 @@ class _Stream:
         """Hand `item` to the caller's event loop; False if that loop has closed (the HTTP
         server shut down with the request in flight): nobody is listening any more, and
         the engine thread must go on stopping, not die on RuntimeError."""
-        if self.loop.is_closed():
-            return False
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # closed between the check and the call
+        except RuntimeError:  # "Event loop is closed"
             return False
         return True
 

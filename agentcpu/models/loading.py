@@ -135,14 +135,16 @@ def load_gguf_model(gguf: GGUFModelFile, config: EngineConfig) -> nn.Module:
 
     cfg, dtype = config.model_config, DTYPES[config.dtype]
     allowed = QUANTIZED_FORMATS if config.quant is None else (parse_quant(config.quant)[0],)
+    # under --quant the head is int8 whatever the method (agentcpu.quant.model), so a Q8_0
+    # head (or tied embedding) is kept as the file's blocks rather than requantized
+    head_formats = allowed if config.quant is None else allowed + ("int8",)
     swapped = []  # the hook's (targets, float layers), set while the model is on meta
 
     def swap(model: nn.Module) -> None:
-        swapped.append(_swap_direct_linears(model, _gguf_types(gguf), allowed))
+        swapped.append(_swap_direct_linears(model, _gguf_types(gguf), allowed, head_formats))
 
     model = build_model(cfg, config.dtype, config.max_model_len, before_allocation=swap)
     targets, floats = swapped[0]
-    head_formats = allowed + ("int8",) if config.quant is not None else allowed
     direct, dequantized = _fill_from_gguf(model, gguf, cfg, dtype, targets, head_formats)
     log.info("%s", gguf_load_summary(direct, dequantized))
     if config.quant is not None and floats:
@@ -195,9 +197,13 @@ def _checkpoint_parts(model: nn.Module, path: str, layer: Linear) -> list[tuple[
 
 
 def _swap_direct_linears(
-    model: nn.Module, types: dict[str, GGMLQuantizationType], allowed: tuple[str, ...]
+    model: nn.Module,
+    types: dict[str, GGMLQuantizationType],
+    allowed: tuple[str, ...],
+    head_formats: tuple[str, ...],
 ) -> tuple[dict[str, _DirectTarget], Counter]:
-    """Replace each linear layer that maps directly by an empty quantized module.
+    """Replace each linear layer that maps directly (the lm_head: to one of `head_formats`)
+    by an empty quantized module.
 
     Returns the targets of its tensors by name, and the ggml types of the weights of the
     layers left float (for the log)."""
@@ -207,9 +213,7 @@ def _swap_direct_linears(
     for path, layer in layers:
         parts = _checkpoint_parts(model, path, layer)
         part_types = [types.get(f"{prefix}.weight") for prefix, _, _ in parts]
-        # under --quant the head is int8 whatever the method (agentcpu.quant.model), so a
-        # Q8_0 head is kept as the file's blocks rather than requantized per channel
-        fmt = exact_format(part_types, allowed + ("int8",) if path == "lm_head" else allowed)
+        fmt = exact_format(part_types, head_formats if path == "lm_head" else allowed)
         if fmt is None:
             floats.update(t.name for t in part_types if t is not None)
             continue

@@ -43,9 +43,8 @@ def quantize_model(
         for _, _, layer in linears:
             check_group(layer.in_features, group_size, INT4_GROUP_SIZES)
     for parent, name, layer in linears:  # one at a time: the float weight is freed as we go
-        quantized = Int8Linear.from_float(layer.weight.data, layer.bias) if name == "lm_head" \
-            else _quantize_linear(layer, method, group_size, symmetric)
-        setattr(parent, name, quantized)
+        layer_method = "int8" if name == "lm_head" else method  # the head: see the docstring
+        setattr(parent, name, _quantize_linear(layer, layer_method, group_size, symmetric))
     _quantize_tied_head(model)
     return model
 
