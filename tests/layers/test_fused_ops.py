@@ -73,10 +73,12 @@ def _reference_decode(q, k_cache, v_cache, slots, lens, scale):
 @needs_fused
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 64), (6, 1, 64),
+                                                   (14, 2, 64), (16, 8, 128), (8, 1, 64),
                                                    (32, 1, 64), (4, 2, 36)])
 def test_decode_attention_over_padded_slots(dtype, heads, kv_heads, dim):
-    """(32, 1): more query heads per key than the vector path holds; dim 36: not a
-    multiple of the vector width (both take the portable path)."""
+    """Groups of 1-8 query heads per KV head take the 8-lane path (14/2 is Qwen2.5-0.5B's);
+    (32, 1): more query heads per key than it holds; dim 36: not a multiple of the vector
+    width (both take the portable path). 120 slots cross the value pass's 64-key tiles."""
     num_slots = 200
     k_cache = torch.randn(num_slots, kv_heads, dim).to(dtype)
     v_cache = torch.randn(num_slots, kv_heads, dim).to(dtype)

@@ -175,6 +175,104 @@ inline float exp_shifted_sum(float* sc, int64_t len, float mx) {
   return sum;
 }
 
+#ifdef __AVX2__
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// Eight vectors -> one vector whose lane g is the horizontal sum of v[g].
+inline __m256 hsum8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Rows are fetched this many keys ahead: a block's rows are contiguous but blocks are
+// scattered through the pool, so the hardware prefetcher restarts at every block.
+constexpr int64_t kPrefetch = 16;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Keys per tile of the value pass: a tile's values (64 x D bf16) stay in L1 while each
+// 8-lane column of the output sweeps it.
+constexpr int64_t kValueTile = 64;
+
+// One (sequence, KV head) for G <= 8 query heads: scores are kept as [len][8] (lane g =
+// query head g), so the softmax runs 8 heads per instruction and each key costs one
+// 8-way horizontal sum instead of G; the value pass keeps G output accumulators of one
+// 8-lane column in registers and broadcasts each probability from the score row.
+// qf: [8][D] scaled queries; scores: [len][8]; acc: [G][D] fp32 output (normalized).
+template <typename T, int G>
+void decode_group(const float* qf, const T* kp, const T* vp, const int64_t* sl, int64_t len,
+                  int64_t KVH, int64_t kh, int64_t D, float* scores, float* acc) {
+  for (int64_t l = 0; l < len; ++l) {
+    const T* key = kp + (sl[l] * KVH + kh) * D;
+    if (l + kPrefetch < len) prefetch_row(kp + (sl[l + kPrefetch] * KVH + kh) * D, D);
+    __m256 a[8];
+    for (int g = 0; g < 8; ++g) a[g] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 k = load8(key + i);
+      for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + i), k, a[g]);
+    }
+    _mm256_storeu_ps(scores + l * 8, hsum8(a));
+  }
+  __m256 mx = _mm256_loadu_ps(scores);
+  for (int64_t l = 1; l < len; ++l) mx = _mm256_max_ps(mx, _mm256_loadu_ps(scores + l * 8));
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + l * 8), mx));
+    _mm256_storeu_ps(scores + l * 8, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float denom[8];
+  _mm256_storeu_ps(denom, sum);
+  for (int64_t t0 = 0; t0 < len; t0 += kValueTile) {
+    const int64_t t1 = std::min(len, t0 + kValueTile);
+    for (int64_t c = 0; c < D; c += 8) {
+      __m256 o[G];
+      for (int g = 0; g < G; ++g) o[g] = t0 ? _mm256_loadu_ps(acc + g * D + c) : _mm256_setzero_ps();
+      for (int64_t l = t0; l < t1; ++l) {
+        if (c == 0 && l + kPrefetch < len) prefetch_row(vp + (sl[l + kPrefetch] * KVH + kh) * D, D);
+        const __m256 v = load8(vp + (sl[l] * KVH + kh) * D + c);
+        const float* p = scores + l * 8;
+        for (int g = 0; g < G; ++g) o[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), v, o[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + c, o[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m256 inv = _mm256_set1_ps(1.f / denom[g]);
+    for (int64_t c = 0; c < D; c += 8)
+      _mm256_storeu_ps(acc + g * D + c, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + c), inv));
+  }
+}
+
+template <typename T>
+using DecodeGroupFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+                               int64_t, int64_t, float*, float*);
+
+template <typename T>
+DecodeGroupFn<T> decode_group_for(int64_t G) {
+  switch (G) {
+    case 1: return decode_group<T, 1>;
+    case 2: return decode_group<T, 2>;
+    case 3: return decode_group<T, 3>;
+    case 4: return decode_group<T, 4>;
+    case 5: return decode_group<T, 5>;
+    case 6: return decode_group<T, 6>;
+    case 7: return decode_group<T, 7>;
+    case 8: return decode_group<T, 8>;
+    default: return nullptr;
+  }
+}
+#endif
+
 // One query token per sequence: out[b, h] = softmax(q[b, h] . K[slots[b, :len_b]]) V.
 template <typename T>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -189,6 +287,23 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
+#ifdef __AVX2__
+  if (const auto fn = D % 8 == 0 ? decode_group_for<T>(G) : nullptr) {
+    at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> qf(8 * D, 0.f), scores(8 * L), acc(G * D);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t b = item / KVH, kh = item % KVH;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < D; ++i)
+            qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
+        fn(qf.data(), kp, vp, sp + b * L, lp[b], KVH, kh, D, scores.data(), acc.data());
+        T* o = op + (b * H + kh * G) * D;
+        for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(acc[i]);
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(G * D), scores(G * L), acc(G * D);
     for (int64_t item = i0; item < i1; ++item) {
