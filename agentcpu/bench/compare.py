@@ -203,6 +203,20 @@ def warm_up(server: RunningServer, spec: WorkloadSpec, caps: ServerCaps) -> None
         raise CompareError(f"{server.engine} warm-up failed: {failed[0].error} {failed[0].detail}")
 
 
+def calibrate_prefill(server: RunningServer, spec: WorkloadSpec, caps: ServerCaps) -> dict | None:
+    """For session workloads: the TTFT of one fresh prompt as long as a follow-up turn's
+    new tokens (tool call + tool result), alone on the server, so the report can put each
+    follow-up's TTFT over the engine's own time to prefill only its new tokens."""
+    if spec.kind != "sessions":
+        return None
+    tokens = spec.tool_call_len.typical() + spec.tool_result_len.typical()
+    probe = spec_from_dict({"name": "calibration", "token_range": list(spec.token_range),
+                            "prompt_len": tokens, "output_len": 1})  # fmt: skip
+    outcome = asyncio.run(run_level(server.base_url, probe, probe.levels()[0], seed=-2, caps=caps))
+    done = [r for r in outcome.results if r.ok and r.ttft_s]
+    return {"tokens": tokens, "ttft_s": done[0].ttft_s} if done else None
+
+
 def compare(options: CompareOptions, live: LiveProgress) -> tuple[dict[str, Any], list[Path]]:
     """Run every round and write the report; returns the record and the files written.
 
@@ -239,6 +253,7 @@ def _run_engine(
     with running_server(name, launch, log_path, options.ready_timeout_s) as server:
         live.log(f"  {name} ready after {server.ready_s:.0f} s")
         warm_up(server, spec, engine.caps)
+        calibration = calibrate_prefill(server, spec, engine.caps)
         for level_index, level in enumerate(spec.levels()):
             sink = live.level(
                 f"{name} r{round_index + 1} {level.label}", spec.requests_per_level(level)
@@ -247,4 +262,5 @@ def _run_engine(
             outcome = asyncio.run(run_level(server.base_url, spec, level, seed, caps=engine.caps,
                                             limits=options.limits, on_result=sink))  # fmt: skip
             report.add_run(record, name, round_index, outcome)
-    report.add_server(record, name, round_index, ready_s=server.ready_s, **server.figures)
+    report.add_server(record, name, round_index, ready_s=server.ready_s,
+                      prefill_calibration=calibration, **server.figures)

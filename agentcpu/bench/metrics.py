@@ -10,6 +10,7 @@ one, else from the streamed chunks.
 
 from __future__ import annotations
 
+
 import math
 import statistics
 from collections import Counter
@@ -148,6 +149,32 @@ def per_turn_ttft(results: Iterable[RequestResult]) -> dict[int, dict[str, float
         if r.ok and r.turn is not None and r.ttft_s is not None:
             by_turn.setdefault(r.turn, []).append(r.ttft_s)
     return {turn: distribution(by_turn[turn]) for turn in sorted(by_turn)}
+
+
+def follow_up_prefill_ratios(records: Iterable[dict[str, Any]], prefill_tok_s: float) -> list[float]:
+    """For each follow-up turn (turn >= 2), its TTFT over the time its computed prompt
+    tokens (prompt - cached) take at `prefill_tok_s`, the engine's prefill rate measured
+    alone (`compare.calibrate_prefill`). 1.0 means the turn cost only the prefill of its
+    new tokens; queueing behind other sessions, recomputed history and per-request
+    overhead push it up. Records are per-request dicts (`RequestResult` fields); turns
+    whose server does not report cached tokens are skipped. The calibration prompt starts
+    at position 0 and follow-ups at 2-4 k tokens of context, so attention alone puts a
+    perfect engine slightly above 1.0."""
+    ratios = []
+    for r in records:
+        if r.get("error") is not None or (r.get("turn") or 0) < 2 or not r.get("ttft_s"):
+            continue
+        if r.get("cached_tokens") is None:
+            continue
+        computed = _record_prompt(r) - r["cached_tokens"]
+        if computed > 0 and prefill_tok_s > 0:
+            ratios.append(r["ttft_s"] * prefill_tok_s / computed)
+    return ratios
+
+
+def _record_prompt(record: dict[str, Any]) -> int:
+    usage = record.get("usage_prompt_tokens")
+    return usage if usage is not None else record["prompt_tokens"]
 
 
 def summarize(results: Sequence[RequestResult], wall_s: float | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agentcpu.bench.loadgen import RunOutcome
-from agentcpu.bench.metrics import cdf, median_or_none, summarize
+from agentcpu.bench.metrics import cdf, follow_up_prefill_ratios, median_or_none, percentile, summarize
 
 RESULTS_ROOT = Path("benchmarks/results")
 JSON_NAME, MARKDOWN_NAME, DOCTOR_NAME = "results.json", "results.md", "doctor.json"
@@ -171,6 +171,13 @@ def _add_roofline_share(rows: list[dict[str, Any]], record: dict[str, Any]) -> N
             row["of_roofline"] = _ratio(row["output_tok_s"], bound)
 
 
+def prefill_rate(entry: dict[str, Any]) -> float | None:
+    """Median over an engine's server starts of its calibration prefill tok/s."""
+    rates = [c["tokens"] / c["ttft_s"] for server in entry.get("servers", [])
+             if (c := server.get("prefill_calibration")) and c.get("ttft_s")]  # fmt: skip
+    return median_or_none(rates)
+
+
 def per_turn_ttft(record: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
     """engine -> turn -> TTFTs of successful requests, pooled over rounds and levels."""
     out: dict[str, dict[int, list[float]]] = {}
@@ -236,6 +243,17 @@ def _turn_table(record: dict[str, Any]) -> list[str]:
     for engine, by_turn in turns.items():
         cells = [_fmt(median_or_none(by_turn.get(n, [])), MS, 0) for n in numbers]
         lines.append(f"| {engine} | " + " | ".join(cells) + " |")
+    lines += ["", "Follow-up TTFT over the time to prefill only its computed tokens (prompt - "
+              "cached) at the engine's own prefill rate, measured alone before the load "
+              "(1.0 = no queueing, no recompute; pooled over rounds):", ""]
+    for engine, entry in record["engines"].items():
+        rate = prefill_rate(entry)
+        ratios = follow_up_prefill_ratios(
+            (req for run in entry["runs"] for req in run["requests"]), rate or 0.0)
+        if ratios:
+            lines.append(f"- {engine}: p50 {_fmt(percentile(ratios, 50), digits=2)}x, p95 "
+                         f"{_fmt(percentile(ratios, 95), digits=2)}x ({len(ratios)} turns; "
+                         f"prefill alone {_fmt(rate, digits=0)} tok/s)")
     return lines
 
 

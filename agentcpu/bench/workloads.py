@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +92,15 @@ class LengthDist:
             return int(rng.choice(self.values))
         median, sigma = self.values
         return max(1, round(median * math.exp(sigma * rng.gauss(0.0, 1.0))))
+
+    def typical(self) -> int:
+        """The middle of the distribution: the value, the midpoint, the median choice or
+        the log-normal's median."""
+        if self.kind == "uniform":
+            return round((self.values[0] + self.values[1]) / 2)
+        if self.kind == "choice":
+            return round(statistics.median(self.values))
+        return max(1, round(self.values[0]))
 
     def describe(self) -> Any:
         if self.kind == "fixed":

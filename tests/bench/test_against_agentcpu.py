@@ -8,7 +8,8 @@ import sys
 import pytest
 from tokenizers import Tokenizer
 
-from agentcpu.bench.loadgen import run_level
+from agentcpu.bench.compare import calibrate_prefill
+from agentcpu.bench.loadgen import ServerCaps, run_level
 from agentcpu.bench.metrics import summarize
 from agentcpu.bench.server_process import Launch, free_port, running_server
 from agentcpu.bench.workloads import load_workload, spec_from_dict
@@ -56,12 +57,23 @@ def test_concurrency_workload_of_four_requests(agentcpu_server):
     assert m["ttft_s"]["n"] == 4 and m["ttft_s"]["p50"] > 0 and m["output_tok_s"] > 0
 
 
-def test_agent_sessions_reuse_the_cached_history(agentcpu_server):
-    spec = spec_from_dict({
+def _tiny_agent_spec():
+    return spec_from_dict({
         "name": "agent-tiny", "kind": "sessions", "sessions": 2, "turns": 3, "shared_prefix_len": 64,
         "task_len": 16, "tool_call_len": 4, "tool_result_len": 32, "final_answer_len": 8,
         "tool_pause": {"median_s": 0.05, "sigma": 0.5}, "concurrency": [2], "token_range": TOKEN_RANGE,
     })  # fmt: skip
+
+
+def test_prefill_calibration_times_one_follow_up_sized_prompt(agentcpu_server):
+    calibration = calibrate_prefill(agentcpu_server, _tiny_agent_spec(), ServerCaps())
+    assert calibration["tokens"] == 36 and calibration["ttft_s"] > 0
+    plain = load_workload("concurrency", {"concurrency": [1], "token_range": TOKEN_RANGE})
+    assert calibrate_prefill(agentcpu_server, plain, ServerCaps()) is None
+
+
+def test_agent_sessions_reuse_the_cached_history(agentcpu_server):
+    spec = _tiny_agent_spec()
     outcome = asyncio.run(run_level(agentcpu_server.base_url, spec, spec.levels()[0], seed=2))
     m = summarize(outcome.results, outcome.wall_s)
     assert (m["ok"], m["errors"], m["length_mismatches"]) == (6, 0, 0), m["errors_by_status"]

@@ -20,6 +20,7 @@ from agentcpu.bench.loadgen import (
 )
 from agentcpu.bench.metrics import summarize
 from agentcpu.bench.workloads import (
+    LengthDist,
     SessionJob,
     WorkloadError,
     build_jobs,
@@ -232,6 +233,15 @@ def test_custom_spec_file_and_overrides(tmp_path):
     )
     rate = load_workload(str(json_path))
     assert [lv.label for lv in rate.levels()] == ["rate=1/s", "rate=2/s"]
+
+
+@pytest.mark.parametrize(
+    "value, typical",
+    [(300, 300), ({"uniform": [300, 900]}, 600), ({"choice": [4, 8, 32]}, 8),
+     ({"lognormal": {"median": 48, "sigma": 0.8}}, 48)],
+)
+def test_typical_length_is_the_middle_of_each_distribution(value, typical):
+    assert LengthDist.parse(value, "x").typical() == typical
 
 
 @pytest.mark.parametrize(

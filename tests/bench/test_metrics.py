@@ -11,6 +11,7 @@ from agentcpu.bench.metrics import (
     cdf,
     distribution,
     errors_by_status,
+    follow_up_prefill_ratios,
     median_or_none,
     per_turn_ttft,
     percentile,
@@ -129,3 +130,20 @@ def test_errors_cdf_and_median():
     xs, ys = cdf([0.3, None, 0.1, 0.2])
     assert xs == [0.1, 0.2, 0.3] and ys == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert median_or_none([None, 3.0, 1.0]) == 2.0 and median_or_none([None]) is None
+
+
+def test_follow_up_prefill_ratios_use_computed_tokens_and_skip_what_cannot_count():
+    def rec(turn, ttft, cached, prompt=400, error=None, usage=None):
+        return {"turn": turn, "ttft_s": ttft, "cached_tokens": cached, "prompt_tokens": prompt,
+                "usage_prompt_tokens": usage, "error": error}  # fmt: skip
+
+    records = [
+        rec(1, 5.0, 0),  # first turns are the reference's business, not counted
+        rec(2, 1.0, 300),  # 100 computed at 200 tok/s = 0.5 s ideal: 2x
+        rec(3, 0.5, 300, usage=500),  # server-counted prompt: 200 computed, 1 s ideal: 0.5x
+        rec(4, 1.0, None),  # cached tokens not reported
+        rec(5, 1.0, 300, error="http"),
+        rec(6, 1.0, 400),  # nothing computed
+    ]
+    assert follow_up_prefill_ratios(records, 200.0) == pytest.approx([2.0, 0.5])
+    assert follow_up_prefill_ratios(records, 0.0) == []

@@ -110,10 +110,15 @@ def test_sessions_report_has_per_turn_ttft(tmp_path):
             for turn in (1, 2, 3)
         ]
         report.add_run(record, engine, 0, RunOutcome(Level(16), "m", results, 3.0))
+    report.add_server(record, "alpha", 0, prefill_calibration={"tokens": 300, "ttft_s": 1.0})
     turns = report.per_turn_ttft(record)
     assert turns["beta"][3] == pytest.approx([0.6, 0.6])
     text = report.markdown(record)
     assert "| beta | 200 | 400 | 600 |" in text
+    # alpha prefills 300 tok/s alone; follow-ups compute 90 tokens (100 - 10 cached) in
+    # 0.2 s and 0.3 s of TTFT: 0.67x and 1.0x. beta has no calibration: no line.
+    assert "- alpha: p50 0.83x, p95 1.00x (4 turns; prefill alone 300 tok/s)" in text
+    assert "- beta:" not in text
     paths = {p.name for p in report.write_report(record, tmp_path)}
     assert "per_turn_ttft.png" in paths and "throughput_vs_load.png" not in paths
     assert (tmp_path / "per_turn_ttft.png").read_bytes()[:8] == PNG_MAGIC

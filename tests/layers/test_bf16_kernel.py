@@ -17,9 +17,11 @@ def _reference(x, w, b):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32])
-@pytest.mark.parametrize("n, k", [(1, 8), (2, 16), (47, 64), (100, 203), (96, 1024)])
+@pytest.mark.parametrize("n, k", [(1, 8), (2, 16), (47, 64), (100, 203), (96, 1024), (130, 2061)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_fp32_reference(rows, n, k, dtype):
+    """(130, 2061): several 48-row tasks, the last one short, and a scalar tail past
+    the last multiple of 8 in long rows."""
     gen = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
     x = torch.randn(rows, k, generator=gen).to(dtype)
     w = torch.randn(n, k, generator=gen).bfloat16()
