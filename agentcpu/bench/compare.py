@@ -29,7 +29,13 @@ from agentcpu.bench.server_process import (
     free_port,
     running_server,
 )
-from agentcpu.bench.workloads import WorkloadSpec, level_seed, spec_from_dict
+from agentcpu.bench.workloads import (
+    WorkloadSpec,
+    follow_up_new_tokens,
+    level_seed,
+    mid_session_context_tokens,
+    spec_from_dict,
+)
 from agentcpu.errors import AgentCPUError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -204,17 +210,25 @@ def warm_up(server: RunningServer, spec: WorkloadSpec, caps: ServerCaps) -> None
 
 
 def calibrate_prefill(server: RunningServer, spec: WorkloadSpec, caps: ServerCaps) -> dict | None:
-    """For session workloads: the TTFT of one fresh prompt as long as a follow-up turn's
-    new tokens (tool call + tool result), alone on the server, so the report can put each
-    follow-up's TTFT over the engine's own time to prefill only its new tokens."""
+    """For session workloads: the engine's own time to prefill a follow-up turn's new
+    tokens (tool call + tool result) after a cached mid-session context, alone on the
+    server. Two requests share that context: the first computes and caches it, the
+    second's TTFT is the calibration. The report puts each follow-up's TTFT over it."""
     if spec.kind != "sessions":
         return None
-    tokens = spec.tool_call_len.typical() + spec.tool_result_len.typical()
+    new_tokens, context = follow_up_new_tokens(spec), mid_session_context_tokens(spec)
     probe = spec_from_dict({"name": "calibration", "token_range": list(spec.token_range),
-                            "prompt_len": tokens, "output_len": 1})  # fmt: skip
+                            "shared_prefix_len": context, "prompt_len": new_tokens,
+                            "output_len": 1, "concurrency": [1], "requests_per_stream": 2})  # fmt: skip
     outcome = asyncio.run(run_level(server.base_url, probe, probe.levels()[0], seed=-2, caps=caps))
     done = [r for r in outcome.results if r.ok and r.ttft_s]
-    return {"tokens": tokens, "ttft_s": done[0].ttft_s} if done else None
+    if len(done) < 2:
+        return None
+    second = max(done, key=lambda r: r.start_s)
+    computed = new_tokens
+    if second.cached_tokens is not None and second.usage_prompt_tokens is not None:
+        computed = second.usage_prompt_tokens - second.cached_tokens
+    return {"tokens": computed, "ttft_s": second.ttft_s, "context": context}
 
 
 def compare(options: CompareOptions, live: LiveProgress) -> tuple[dict[str, Any], list[Path]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -94,13 +93,13 @@ class LengthDist:
         return max(1, round(median * math.exp(sigma * rng.gauss(0.0, 1.0))))
 
     def typical(self) -> int:
-        """The middle of the distribution: the value, the midpoint, the median choice or
+        """The middle of the distribution: the value, the midpoint, the middle choice or
         the log-normal's median."""
         if self.kind == "uniform":
-            return round((self.values[0] + self.values[1]) / 2)
+            return int(sum(self.values) / 2)
         if self.kind == "choice":
-            return round(statistics.median(self.values))
-        return max(1, round(self.values[0]))
+            return int(sorted(self.values)[len(self.values) // 2])
+        return int(self.values[0])
 
     def describe(self) -> Any:
         if self.kind == "fixed":
@@ -323,18 +322,21 @@ BUILTIN: dict[str, dict[str, Any]] = {
 
 
 def final_context_tokens(spec: WorkloadSpec) -> int:
-    """Tokens in one session's context after its last turn (median lengths)."""
-    def median(dist: LengthDist) -> int:
-        if dist.kind == "uniform":
-            return int(sum(dist.values) / 2)
-        if dist.kind == "choice":
-            return int(sorted(dist.values)[len(dist.values) // 2])
-        return int(dist.values[0])  # fixed: the value; lognormal: its median
-
+    """Tokens in one session's context after its last turn (typical lengths)."""
     middle = spec.turns - 1
-    return (spec.shared_prefix_len + median(spec.task_len)
-            + middle * (median(spec.tool_call_len) + median(spec.tool_result_len))
-            + median(spec.final_answer_len))  # fmt: skip
+    return (spec.shared_prefix_len + spec.task_len.typical()
+            + middle * follow_up_new_tokens(spec) + spec.final_answer_len.typical())  # fmt: skip
+
+
+def follow_up_new_tokens(spec: WorkloadSpec) -> int:
+    """What a follow-up turn appends: the model's tool call and the tool's result."""
+    return spec.tool_call_len.typical() + spec.tool_result_len.typical()
+
+
+def mid_session_context_tokens(spec: WorkloadSpec) -> int:
+    """The context a middle follow-up turn starts from (typical lengths)."""
+    return (spec.shared_prefix_len + spec.task_len.typical()
+            + (spec.turns - 1) // 2 * follow_up_new_tokens(spec))  # fmt: skip
 
 
 def pressure_kv_cache_gib(spec: WorkloadSpec, kv_bytes_per_token: int, share: float = 0.5) -> float:

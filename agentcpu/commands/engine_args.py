@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from agentcpu.config import SchedulerConfig
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     parser.add_argument("--model", required=model_required, help="HF model directory or .gguf file")
@@ -12,7 +14,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's, capped)")
     parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache pool size in GiB")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
+                        help="tokens per step (default %(default)s)")
     parser.add_argument("--max-step-ms", type=float, default=0.0,
                         help="while streams decode, cap each step's prefill to about this wall"
                              " time, learned online (bounds the gap between tokens, e.g. 500 for chat UIs;"

@@ -67,7 +67,11 @@ def _tiny_agent_spec():
 
 def test_prefill_calibration_times_one_follow_up_sized_prompt(agentcpu_server):
     calibration = calibrate_prefill(agentcpu_server, _tiny_agent_spec(), ServerCaps())
-    assert calibration["tokens"] == 36 and calibration["ttft_s"] > 0
+    # context: 64 prefix + 16 task + 1 follow-up of 4 + 32 = 116 tokens, cached by the
+    # first request up to its last full 16-token block (112); the second computes the
+    # rest and its own 36 new tokens
+    assert calibration["context"] == 116 and calibration["tokens"] == 36 + 4
+    assert calibration["ttft_s"] > 0
     plain = load_workload("concurrency", {"concurrency": [1], "token_range": TOKEN_RANGE})
     assert calibrate_prefill(agentcpu_server, plain, ServerCaps()) is None
 
