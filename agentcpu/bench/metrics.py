@@ -10,7 +10,6 @@ one, else from the streamed chunks.
 
 from __future__ import annotations
 
-
 import math
 import statistics
 from collections import Counter
@@ -157,9 +156,9 @@ def follow_up_prefill_ratios(records: Iterable[dict[str, Any]], prefill_tok_s: f
     alone (`compare.calibrate_prefill`). 1.0 means the turn cost only the prefill of its
     new tokens; queueing behind other sessions, recomputed history and per-request
     overhead push it up. Records are per-request dicts (`RequestResult` fields); turns
-    whose server does not report cached tokens are skipped. The calibration prompt starts
-    at position 0 and follow-ups at 2-4 k tokens of context, so attention alone puts a
-    perfect engine slightly above 1.0."""
+    whose server does not report cached tokens are skipped. The calibration prefills
+    after a mid-session context, so early turns (shorter context) can come out a little
+    under 1.0 and late ones a little over."""
     ratios = []
     for r in records:
         if r.get("error") is not None or (r.get("turn") or 0) < 2 or not r.get("ttft_s"):
