@@ -17,8 +17,6 @@ from agentcpu.errors import InvalidRequestError
 # Below this, logits / temperature overflows float32 for ordinary logits (vLLM's epsilon);
 # such a distribution is a point mass on the argmax anyway, so these rows are greedy.
 MIN_SAMPLING_TEMPERATURE = 1e-5
-# Floor on the exponential race's noise so that probs / noise never divides by zero.
-MIN_RACE_NOISE = torch.finfo(torch.float32).tiny
 NEG_INF = float("-inf")
 
 
@@ -208,15 +206,24 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Exponential race: argmax(probs / E), E ~ Exp(1), samples from probs / sum(probs)."""
-    noise = torch.empty_like(probs)
+    """Inverse CDF: one uniform u per row, then the first token whose cumulative mass
+    exceeds u x total (`right=True`, so a token of zero mass is never chosen). The
+    running sum is float64: in float32 its rounding over a 152k vocabulary reaches ~1 %
+    of the mass. One add per vocabulary entry instead of the exponential race's one
+    Exp(1) draw each: 16 rows of 152k, 2 threads, 65 -> 9 ms per step."""
+    uniform = torch.empty(len(generators), dtype=torch.float64)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     for i, generator in enumerate(generators):
         if generator is not None:
-            noise[i].exponential_(generator=generator)
+            uniform[i] = torch.rand((), generator=generator, dtype=torch.float64)
     if unseeded:
-        noise[torch.tensor(unseeded)] = torch.empty(len(unseeded), probs.shape[1]).exponential_()
-    return (probs / noise.clamp_min_(MIN_RACE_NOISE)).argmax(dim=-1)
+        uniform[torch.tensor(unseeded)] = torch.rand(len(unseeded), dtype=torch.float64)
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    chosen = torch.searchsorted(cdf, uniform.unsqueeze(1) * total, right=True)
+    # u x total rounds up to total once in ~2^53 draws: take the last token with mass
+    last = torch.searchsorted(cdf, total)
+    return torch.minimum(chosen, last).squeeze(1)
 
 
 def _results(raw: torch.Tensor, token_ids: list[int], rows: list[SampleRow]) -> list[SampleResult]:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentcpu.engine.sampler import Sampler, SampleRow
+from agentcpu.engine.sampler import Sampler, SampleRow, _draw
 from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.errors import InvalidRequestError
 
@@ -305,3 +305,16 @@ def test_filtered_sampling_matches_the_renormalised_distribution():
     probs = _softmax(np.array(logits[:4]) / 1.5)
     assert _chi_square(tokens, probs) < CHI_SQUARE_DF3_P001
     assert math.isclose(sum(probs), 1.0)
+
+
+@pytest.mark.parametrize("u, expected", [(0.0, 1), (0.3, 1), (0.5, 3), (0.999, 3), (1.0, 3)])
+def test_inverse_cdf_draw_never_lands_on_a_token_without_mass(monkeypatch, u, expected):
+    """u = 0 and u x total == total (a rounding the guard catches) both stay on tokens
+    with mass; the zero-mass tokens 0, 2 and 4 are never returned."""
+    def fixed_rand(size=(), **_):
+        return torch.full((size,) if isinstance(size, int) else size, u, dtype=torch.float64)
+
+    monkeypatch.setattr(torch, "rand", fixed_rand)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    assert _draw(probs, [None]).tolist() == [expected]
+    assert _draw(probs, [torch.Generator()]).tolist() == [expected]
