@@ -134,11 +134,12 @@ def cached_share(results: Iterable[RequestResult]) -> float | None:
 
 
 def _prompt_tokens(result: RequestResult) -> int:
-    return (
-        result.usage_prompt_tokens
-        if result.usage_prompt_tokens is not None
-        else result.prompt_tokens
-    )
+    return _server_count(result.usage_prompt_tokens, result.prompt_tokens)
+
+
+def _server_count(usage: int | None, sent: int) -> int:
+    """The prompt length as the server counted it (usage), else as the client sent it."""
+    return usage if usage is not None else sent
 
 
 def per_turn_ttft(results: Iterable[RequestResult]) -> dict[int, dict[str, float | int | None]]:
@@ -150,7 +151,9 @@ def per_turn_ttft(results: Iterable[RequestResult]) -> dict[int, dict[str, float
     return {turn: distribution(by_turn[turn]) for turn in sorted(by_turn)}
 
 
-def follow_up_prefill_ratios(records: Iterable[dict[str, Any]], prefill_tok_s: float) -> list[float]:
+def follow_up_prefill_ratios(
+    records: Iterable[dict[str, Any]], prefill_tok_s: float
+) -> list[float]:
     """For each follow-up turn (turn >= 2), its TTFT over the time its computed prompt
     tokens (prompt - cached) take at `prefill_tok_s`, the engine's prefill rate measured
     alone (`compare.calibrate_prefill`). 1.0 means the turn cost only the prefill of its
@@ -161,19 +164,14 @@ def follow_up_prefill_ratios(records: Iterable[dict[str, Any]], prefill_tok_s: f
     under 1.0 and late ones a little over."""
     ratios = []
     for r in records:
-        if r.get("error") is not None or (r.get("turn") or 0) < 2 or not r.get("ttft_s"):
+        counted = r.get("error") is None and r.get("cached_tokens") is not None
+        if not counted or (r.get("turn") or 0) < 2 or not r.get("ttft_s"):
             continue
-        if r.get("cached_tokens") is None:
-            continue
-        computed = _record_prompt(r) - r["cached_tokens"]
+        prompt = _server_count(r.get("usage_prompt_tokens"), r["prompt_tokens"])
+        computed = prompt - r["cached_tokens"]
         if computed > 0 and prefill_tok_s > 0:
             ratios.append(r["ttft_s"] * prefill_tok_s / computed)
     return ratios
-
-
-def _record_prompt(record: dict[str, Any]) -> int:
-    usage = record.get("usage_prompt_tokens")
-    return usage if usage is not None else record["prompt_tokens"]
 
 
 def summarize(results: Sequence[RequestResult], wall_s: float | None = None) -> dict[str, Any]:

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from agentcpu.bench.loadgen import RunOutcome
-from agentcpu.bench.metrics import cdf, follow_up_prefill_ratios, median_or_none, percentile, summarize
+from agentcpu.bench.metrics import (
+    cdf,
+    follow_up_prefill_ratios,
+    median_or_none,
+    percentile,
+    summarize,
+)
 
 RESULTS_ROOT = Path("benchmarks/results")
 JSON_NAME, MARKDOWN_NAME, DOCTOR_NAME = "results.json", "results.md", "doctor.json"

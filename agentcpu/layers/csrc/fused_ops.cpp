@@ -207,7 +207,7 @@ constexpr int64_t kValueTile = 64;
 // query head g), so the softmax runs 8 heads per instruction and each key costs one
 // 8-way horizontal sum instead of G; the value pass keeps G output accumulators of one
 // 8-lane column in registers and broadcasts each probability from the score row.
-// qf: [8][D] scaled queries; scores: [len][8]; acc: [G][D] fp32 output (normalized).
+// qf: [G][D] scaled queries; scores: [len][8]; acc: [G][D] fp32 output (normalized).
 template <typename T, int G>
 void decode_group(const float* qf, const T* kp, const T* vp, const int64_t* sl, int64_t len,
                   int64_t KVH, int64_t kh, int64_t D, float* scores, float* acc) {
@@ -287,15 +287,19 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t* lp = lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
+  // qf[g * D + i] = the G query heads of KV head kh of sequence b, in fp32, times scale
+  const auto scaled_queries = [&](int64_t b, int64_t kh, float* qf) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < D; ++i)
+        qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
+  };
 #ifdef __AVX2__
   if (const auto fn = D % 8 == 0 ? decode_group_for<T>(G) : nullptr) {
     at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> qf(8 * D, 0.f), scores(8 * L), acc(G * D);
+      std::vector<float> qf(G * D), scores(8 * L), acc(G * D);
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t b = item / KVH, kh = item % KVH;
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = 0; i < D; ++i)
-            qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
+        scaled_queries(b, kh, qf.data());
         fn(qf.data(), kp, vp, sp + b * L, lp[b], KVH, kh, D, scores.data(), acc.data());
         T* o = op + (b * H + kh * G) * D;
         for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(acc[i]);
@@ -309,9 +313,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t b = item / KVH, kh = item % KVH, len = lp[b];
       const int64_t* sl = sp + b * L;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i)
-          qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
+      scaled_queries(b, kh, qf.data());
       for (int64_t l = 0; l < len; ++l) {
         const T* key = kp + (sl[l] * KVH + kh) * D;
         float kf[512];
