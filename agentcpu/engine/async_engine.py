@@ -147,13 +147,12 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    if not stream.put(out):  # its caller's loop is gone: free the KV now
-                        self.engine.abort(out.request_id)
-                        del self._streams[out.request_id]
-                    elif out.finished:
-                        del self._streams[out.request_id]
+                # a finished stream is dropped before its last output is handed over, so
+                # a caller that saw the end never counts it among the live streams
+                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+                if stream is not None and not stream.put(out) and not out.finished:
+                    self.engine.abort(out.request_id)  # its caller's loop is gone: free the KV now
+                    del self._streams[out.request_id]
 
     def _drain_commands(self) -> None:
         while True:

@@ -59,6 +59,8 @@ class LLMEngine:
             int(num_blocks * config.cache.pin_budget_fraction),
         )
         self.kv_pool = allocate_kv_pool(config.model_config, num_blocks, block_size, dtype)
+        if config.cache.enable_prefix_caching:
+            self.kv.copy_tokens = self._copy_block_tokens
         if config.cache.spill_gb > 0:
             spill_bytes = int(config.cache.spill_gb * (1 << 30))
             store = DiskKVStore(self.kv_pool, block_size, config.cache.spill_dir, spill_bytes)
@@ -70,6 +72,12 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+
+    def _copy_block_tokens(self, source: int, target: int, num_tokens: int) -> None:
+        """The KV of `source`'s first `num_tokens` slots, in every layer, into `target`."""
+        bs = self.config.cache.block_size
+        src, dst = source * bs, target * bs
+        self.kv_pool[:, :, dst : dst + num_tokens] = self.kv_pool[:, :, src : src + num_tokens]
 
     # ---- front door -------------------------------------------------------------
     def add_request(

@@ -118,13 +118,12 @@ class Scheduler:
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits = self.kv.match_prefix(request)
-            remaining = request.num_tokens - len(hits) * self.kv.block_size
-            n = min(remaining, budget)
-            if not self.kv.allocate(request, n, hits):
+            hit = self.kv.match_prefix(request)
+            n = min(request.num_tokens - hit.num_tokens, budget)
+            if not self.kv.allocate(request, n, hit):
                 break
             if request.num_cached_tokens < 0:
-                request.num_cached_tokens = len(hits) * self.kv.block_size
+                request.num_cached_tokens = hit.num_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

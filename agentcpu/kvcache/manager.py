@@ -1,11 +1,40 @@
 """Request-level KV bookkeeping on top of `BlockPool`: prefix matching, slot allocation,
-publishing computed blocks, freeing. Holds block ids only, never tensors."""
+publishing computed blocks, freeing. Holds block ids only, never tensors (copying a
+partial match is a callback into the engine's KV pool, `copy_tokens`).
+
+Prefix matching is by whole blocks (chain hashes), then by tokens for one more block: an
+agent's next turn diverges from its last one mid-block (where the previous prompt or
+generated text ends, or where the chat template renders the assistant message back
+differently from how it was generated), and on a 16-token block that tail is often as
+long as the new tool result. A session pin keeps the blocks and tokens of the turn, so
+the shared leading tokens of the first block that differs are copied from the pin into
+the request's own new block (a copy, never a shared block: nothing is written while
+shared) instead of being recomputed.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from agentcpu.engine.request import Request
 from agentcpu.kvcache.block_pool import NO_PARENT, BlockPool, chain_hash
 from agentcpu.kvcache.pins import SessionPins
+
+
+@dataclass
+class PrefixHit:
+    """What a new request finds computed: cached whole blocks, then the first
+    `copy_tokens` tokens of one more block, to copy from pinned block `copy_from`."""
+
+    blocks: list[int] = field(default_factory=list)
+    copy_from: int | None = None
+    copy_tokens: int = 0
+    block_size: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size + self.copy_tokens
 
 
 class KVCacheManager:
@@ -22,6 +51,9 @@ class KVCacheManager:
         self.pins = SessionPins(self.pool, block_size, budget)
         self.spill = None  # a DiskKVStore when idle sessions spill to disk
         self.min_restore_blocks = 1  # below this, recomputing beats reading (docs/kv-spill.md)
+        # copy_tokens(src_block, dst_block, n): copy the KV of a block's first n slots;
+        # set by the engine, which owns the tensors (None: whole-block matching only)
+        self.copy_tokens: Callable[[int, int, int], None] | None = None
 
     def attach_spill(self, store) -> None:
         """Spill expired session pins to `store` and restore from it on prefix match."""
@@ -37,8 +69,9 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, request: Request) -> list[int]:
-        """Cached blocks covering the request's longest known prefix.
+    def match_prefix(self, request: Request) -> PrefixHit:
+        """Cached blocks covering the request's longest known prefix, then the tokens of
+        the next block that a session pin already holds.
 
         At least one token is always left to compute, so the last forward yields logits.
         """
@@ -46,7 +79,28 @@ class KVCacheManager:
         hits = self.pool.lookup(request.block_hashes)
         if self.spill is not None and self._restore_from_disk(request.block_hashes[len(hits) :]):
             hits = self.pool.lookup(request.block_hashes)
-        return hits
+        hit = PrefixHit(hits, block_size=self.block_size)
+        if self.copy_tokens is not None:
+            self._match_pinned_tokens(request, hit)
+        return hit
+
+    def _match_pinned_tokens(self, request: Request, hit: PrefixHit) -> None:
+        pin = self.pins.pin_continuing(hit.blocks, request.session_id)
+        if pin is None:
+            return
+        index = len(hit.blocks)
+        source = pin.block_at(index)
+        start = index * self.block_size
+        end = min(start + self.block_size, request.num_tokens - 1, len(pin.tokens))
+        if source is None or end <= start:
+            return
+        n = 0
+        for ours, theirs in zip(request.tokens(start, end), pin.tokens[start:end], strict=True):
+            if ours != theirs:
+                break
+            n += 1
+        if n:
+            hit.copy_from, hit.copy_tokens = source, n
 
     def _restore_from_disk(self, hashes: list[int]) -> int:
         """Bring back the stored blocks continuing a prefix; they become cached blocks."""
@@ -67,24 +121,43 @@ class KVCacheManager:
         self.pool.release(reversed(blocks))
         return restored
 
-    def allocate(self, request: Request, num_new_tokens: int, hits: list[int] = ()) -> bool:
+    def allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Give `request` blocks for `num_new_tokens` more tokens after its computed ones
-        (and after `hits`, a prefix hit from `match_prefix`). False if the pool is short."""
-        computed = request.num_computed_tokens + len(hits) * self.block_size
-        needed = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
-        while needed + self.pool.count_evictable(hits) > self.pool.num_free:
-            if not self.pins.relieve_pressure():  # pins give way before anyone waits
-                return False
-        if hits:
-            self.pool.reference(hits)
-            request.block_ids.extend(hits)
+        (and after `hit`, a new request's prefix hit from `match_prefix`, whose partial
+        block is copied into the request's first new block). False if the pool is short."""
+        hit = hit if hit is not None else PrefixHit(block_size=self.block_size)
+        hits, source = hit.blocks, hit.copy_from if hit.copy_tokens else None
+        if source is not None:
+            self.pool.reference([source])  # alive even if its pin gives way below
+        try:
+            while True:
+                computed = request.num_computed_tokens + hit.num_tokens
+                needed = self.blocks_needed(computed + num_new_tokens) - len(request.block_ids) - len(hits)
+                if needed + self.pool.count_evictable(hits) <= self.pool.num_free:
+                    break
+                if self.pins.relieve_pressure():  # pins give way before anyone waits
+                    continue
+                if source is None:
+                    return False
+                # the copy's source is the block we lack: recompute those tokens instead
+                self.pool.release([source])
+                source, hit.copy_from, hit.copy_tokens = None, None, 0
+            if hits:
+                self.pool.reference(hits)
+                request.block_ids.extend(hits)
             request.num_computed_tokens = computed
-        if needed > 0:
-            request.block_ids.extend(self.pool.allocate(needed))
+            if needed > 0:
+                new_blocks = self.pool.allocate(needed)
+                if source is not None:
+                    self.copy_tokens(source, new_blocks[0], hit.copy_tokens)
+                request.block_ids.extend(new_blocks)
+        finally:
+            if source is not None:
+                self.pool.release([source])
         if request.session_id is not None and request.session_id in self.pins.pins:
             self.pins.unpin(request.session_id)  # the session is back: its request holds them
             self.pins.stats.resumed += 1
-            self.pins.resumed(request.session_id, len(hits) * self.block_size)
+            self.pins.resumed(request.session_id, hit.num_tokens)
         return True
 
     def pin_session(self, request: Request, ttl_s: float) -> None:
@@ -92,7 +165,10 @@ class KVCacheManager:
         if request.session_id is None:
             return
         self.publish_computed(request)
-        self.pins.pin(request.session_id, request.block_ids[: request.num_published_blocks], ttl_s)
+        full, computed = request.num_published_blocks, request.num_computed_tokens
+        tail = request.block_ids[full] if computed > full * self.block_size else None
+        tokens = request.tokens(0, computed)
+        self.pins.pin(request.session_id, request.block_ids[:full], ttl_s, tail, tokens)
 
     def publish_computed(self, request: Request) -> None:
         """Register every full block whose KV is now computed in the prefix cache."""

@@ -2,8 +2,11 @@
 
 When a turn ends (typically in tool calls), the session's computed full blocks are
 pinned: the pin holds one reference on each block, so neither LRU eviction nor another
-request can take them. A pin ends when the session returns (its next request takes its
-own references via the prefix cache, then the old pin is dropped), when its time-to-live
+request can take them. The turn's last, partly filled block (its "tail") is pinned too,
+with the tokens the pin covers: a history rarely ends on a block boundary, and the next
+turn copies the KV of the tokens it shares with a pinned block instead of recomputing
+them (`KVCacheManager.match_prefix`). A pin ends when the session returns (its next
+request takes its own references via the prefix cache, then the old pin is dropped), when its time-to-live
 passes, when the session is deleted, or under memory pressure (oldest first) — a pin
 never makes a running request fail. Pinned blocks are bounded by `budget_blocks`,
 counted once however many sessions pin them (agents sharing a system prompt pin the same
@@ -13,8 +16,9 @@ prefix blocks).
 from __future__ import annotations
 
 import time
+from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentcpu.kvcache.block_pool import BlockPool
 
@@ -24,10 +28,21 @@ MAX_TRACKED_SESSIONS = 10_000  # session records kept for GET /v1/sessions/{id}
 @dataclass
 class Pin:
     session_id: str
-    blocks: list[int]
+    blocks: list[int]  # full, published blocks, in sequence order
     pinned_at: float
     expires_at: float
     num_tokens: int
+    tail_block: int | None = None  # the partly filled block after `blocks`
+    tokens: array = field(default_factory=lambda: array("i"))  # the tokens whose KV is held
+
+    @property
+    def all_blocks(self) -> list[int]:
+        return self.blocks if self.tail_block is None else [*self.blocks, self.tail_block]
+
+    def block_at(self, index: int) -> int | None:
+        """The pinned block holding tokens [index * block_size, ...), full or tail."""
+        blocks = self.all_blocks
+        return blocks[index] if index < len(blocks) else None
 
 
 @dataclass
@@ -59,6 +74,7 @@ class SessionPins:
         self.sessions: OrderedDict[str, SessionInfo] = OrderedDict()  # bounded, LRU
         self.max_sessions = MAX_TRACKED_SESSIONS
         self._pin_counts: dict[int, int] = {}  # block id -> pins holding it
+        self._pinner: dict[int, str] = {}  # block id -> the session that pinned it last
         self.stats = PinStats()
 
     @property
@@ -69,23 +85,47 @@ class SessionPins:
     def _new_blocks(self, blocks: list[int]) -> int:
         return sum(1 for b in set(blocks) if b not in self._pin_counts)
 
-    def pin(self, session_id: str, blocks: list[int], ttl_s: float) -> Pin | None:
-        """Pin `blocks` (computed, full, published) for `session_id`, replacing its old pin."""
+    def pin(
+        self,
+        session_id: str,
+        blocks: list[int],
+        ttl_s: float,
+        tail_block: int | None = None,
+        tokens: list[int] | None = None,
+    ) -> Pin | None:
+        """Pin `blocks` (computed, full, published) and the partly filled `tail_block`
+        after them for `session_id`, replacing its old pin. `tokens` are the tokens whose
+        KV these blocks hold (what a partial match compares against)."""
         self.unpin(session_id)
         self._touch(session_id).turns += 1
-        if not blocks or ttl_s <= 0 or len(blocks) > self.budget_blocks:
+        held = blocks if tail_block is None else [*blocks, tail_block]
+        if not held or ttl_s <= 0 or len(held) > self.budget_blocks:
             return None
-        while self.num_pinned_blocks + self._new_blocks(blocks) > self.budget_blocks and self.pins:
+        while self.num_pinned_blocks + self._new_blocks(held) > self.budget_blocks and self.pins:
             self._release_oldest()
             self.stats.released_budget += 1
-        self.pool.reference(blocks)
-        for b in blocks:
+        self.pool.reference(held)
+        for b in held:
             self._pin_counts[b] = self._pin_counts.get(b, 0) + 1
+            self._pinner[b] = session_id
         now = self.clock()
-        pin = Pin(session_id, list(blocks), now, now + ttl_s, len(blocks) * self.block_size)
+        num_tokens = len(tokens) if tokens is not None else len(blocks) * self.block_size
+        pin = Pin(session_id, list(blocks), now, now + ttl_s, num_tokens, tail_block, array("i", tokens or ()))
         self.pins[session_id] = pin
         self.stats.pinned += 1
         return pin
+
+    def pin_continuing(self, hits: list[int], session_id: str | None) -> Pin | None:
+        """A pin whose blocks begin with `hits` (a request's prefix hit), preferring the
+        request's own session: its next block may share the request's next tokens."""
+        candidates = [session_id] if session_id is not None else []
+        if hits:
+            candidates.append(self._pinner.get(hits[-1]))
+        for candidate in candidates:
+            pin = self.pins.get(candidate)
+            if pin is not None and pin.blocks[: len(hits)] == hits:
+                return pin
+        return None
 
     def resumed(self, session_id: str, cached_tokens: int) -> None:
         """The session's next turn started with `cached_tokens` served from cache."""
@@ -107,13 +147,15 @@ class SessionPins:
     def unpin(self, session_id: str) -> Pin | None:
         pin = self.pins.pop(session_id, None)
         if pin is not None:
-            self.pool.release(reversed(pin.blocks))
-            for b in pin.blocks:
+            held = pin.all_blocks
+            self.pool.release(reversed(held))
+            for b in held:
                 left = self._pin_counts[b] - 1
                 if left:
                     self._pin_counts[b] = left
                 else:
                     del self._pin_counts[b]
+                    del self._pinner[b]
         return pin
 
     def expire(self) -> int:

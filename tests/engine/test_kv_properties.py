@@ -1,7 +1,8 @@
 """Property test of the scheduler + KV manager over random arrivals, aborts and finishes.
 
 No model runs: a fake "compute" writes each token id into its cache slot, so a prefix hit
-can be checked against the tokens it claims to hold.
+(whole cached blocks, or tokens copied from a pinned block) can be checked against the
+tokens it claims to hold.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ NUM_BLOCKS = 12
 prompt = st.lists(st.integers(0, 3), min_size=1, max_size=20)
 event = st.one_of(
     st.tuples(st.just("arrive"), prompt, st.integers(1, 8)),
+    # an agent's next turn: a finished turn's tokens cut anywhere (a client may send the
+    # reply back re-rendered), then new ones, under the same session
+    st.tuples(st.just("follow"), st.integers(0, 50), st.integers(0, 40), prompt, st.integers(1, 8)),
     st.tuples(st.just("abort"), st.integers(0, 50)),
-    st.tuples(st.just("step"), st.integers(0, 2**16)),
+    st.tuples(st.just("step"), st.integers(0, 2**16), st.integers(1, 6)),  # noise, steps
 )
 
 
 def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
     pool = kv.pool
     held = Counter(b for r in scheduler.running for b in r.block_ids)
-    held.update(b for pin in kv.pins.pins.values() for b in pin.blocks)
+    held.update(b for pin in kv.pins.pins.values() for b in pin.all_blocks)
     assert kv.pins.num_pinned_blocks <= kv.pins.budget_blocks
     for r in scheduler.waiting:
         assert not r.block_ids, "a waiting request holds no blocks"
@@ -42,7 +46,7 @@ def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(event, max_size=60), st.integers(1, 16), st.integers(0, 8))
+@given(st.lists(event, min_size=20, max_size=60), st.integers(1, 16), st.integers(0, 8))
 def test_no_leak_no_shared_write(events, budget, prefill_cap):
     kv = KVCacheManager(NUM_BLOCKS, BLOCK, pin_budget_blocks=NUM_BLOCKS // 2)
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_step_ms=500)
@@ -51,20 +55,36 @@ def test_no_leak_no_shared_write(events, budget, prefill_cap):
         scheduler.cost = StepCostModel(min_chunk=1, decode_step_s=0.0, prefill_token_s=0.5 / prefill_cap)
     slot_token: dict[int, int] = {}
     live: list[Request] = []
+    done: list[Request] = []
+
+    def copy_tokens(source: int, target: int, n: int) -> None:
+        assert kv.pool.ref_counts[source] > 0, "copying from a block nobody holds"
+        assert kv.pool.ref_counts[target] == 1, "copying into a shared block"
+        for offset in range(n):
+            slot_token[target * BLOCK + offset] = slot_token.get(source * BLOCK + offset)
+
+    kv.copy_tokens = copy_tokens
     for i, ev in enumerate(events):
+        if ev[0] == "follow" and done:
+            _, which, cut, new, max_tokens = ev
+            turn = done[which % len(done)]
+            past = turn.prompt_token_ids + turn.output_token_ids
+            ev = ("arrive", past[: cut % (len(past) + 1)] + new, max_tokens, turn.session_id)
         if ev[0] == "arrive":
-            _, tokens, max_tokens = ev
+            tokens, max_tokens = ev[1], ev[2]
             if kv.blocks_needed(len(tokens) + max_tokens) <= NUM_BLOCKS:
                 r = Request(f"r{i}", tokens, SamplingParams(max_tokens=max_tokens))
-                if max_tokens % 2:  # half the requests are agent turns that pin their KV
-                    r.session_id, r.pin_ttl_s = f"s{len(tokens) % 3}", 60.0
+                session = ev[3] if len(ev) > 3 else f"s{len(tokens) % 3}" if max_tokens % 2 else None
+                if session is not None:  # agent turns pin their KV
+                    r.session_id, r.pin_ttl_s = session, 60.0
                 scheduler.add(r)
                 live.append(r)
         elif ev[0] == "abort" and live:
             r = live.pop(ev[1] % len(live))
             scheduler.finish(r, "abort")
         elif ev[0] == "step":
-            _step(kv, scheduler, slot_token, live, ev[1])
+            for k in range(ev[2]):
+                _step(kv, scheduler, slot_token, live, done, ev[1] + k)
         _check_invariants(kv, scheduler)
     for r in live:
         scheduler.finish(r, "abort")
@@ -74,7 +94,7 @@ def test_no_leak_no_shared_write(events, budget, prefill_cap):
     assert all(c == 0 for c in kv.pool.ref_counts)
 
 
-def _step(kv, scheduler, slot_token, live, noise):
+def _step(kv, scheduler, slot_token, live, done, noise):
     for s in scheduler.schedule():
         r = s.request
         # a prefix hit must hold exactly this request's tokens
@@ -93,3 +113,4 @@ def _step(kv, scheduler, slot_token, live, noise):
             if len(r.output_token_ids) >= r.params.max_tokens:
                 scheduler.finish(r, "length")
                 live.remove(r)
+                done.append(r)

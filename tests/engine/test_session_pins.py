@@ -32,17 +32,16 @@ def test_six_turn_session_computes_only_new_tokens(path):
     for turn in range(6):
         output, req, computed = _run_one(engine, history, session="s1", ttl=60)
         if turn:
-            # only tokens past the last full cached block are recomputed
-            uncached = len(history) - req.num_cached_tokens
-            assert req.num_cached_tokens >= len(history) - TURN_TOKENS - REPLY - engine.kv.block_size
-            assert computed == uncached + REPLY - 1
+            # only the new tokens are computed: the tool result and the last reply token
+            # (sampled, never fed back); the partly filled last block is copied, not redone
+            assert len(history) - req.num_cached_tokens == TURN_TOKENS + 1
+            assert computed == TURN_TOKENS + 1 + REPLY - 1
         history = history + output + random_prompts(1, [TURN_TOKENS], seed=10 + turn)[0]
     assert engine.kv.pins.stats.resumed == 5
 
 
 def test_pin_survives_burst_and_gives_way_under_pressure(path):
-    block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
-    engine = make_engine(path, max_model_len=1024, kv_cache_gb=44 * block_bytes / 2**30)
+    engine = _tight_engine(path, 44)
     total = engine.kv.pool.num_blocks
     assert total == 44
     session_prompt = random_prompts(1, [200], seed=3)[0]
@@ -54,7 +53,7 @@ def test_pin_survives_burst_and_gives_way_under_pressure(path):
         _run_one(engine, random_prompts(1, [150], seed=100 + i)[0])
     assert "agent" in engine.kv.pins.pins
     back, req, _ = _run_one(engine, session_prompt, session="agent", ttl=60)
-    assert req.num_cached_tokens == 192
+    assert req.num_cached_tokens == 199  # 12 blocks + 7 tokens of the pinned tail; 1 to compute
     # traffic that needs the whole pool: the pin is released, nobody fails
     big = random_prompts(1, [total * 16 - 40], seed=7)[0]
     out, req, _ = _run_one(engine, big)
@@ -69,7 +68,7 @@ def test_pins_expire_and_end_session(path):
     engine.kv.pins.clock = lambda: clock[0]
     _run_one(engine, random_prompts(1, [64], seed=4)[0], session="a", ttl=5)
     _run_one(engine, random_prompts(1, [64], seed=5)[0], session="b", ttl=50)
-    assert engine.kv.pins.num_pinned_blocks == 8
+    assert engine.kv.pins.num_pinned_blocks == 10  # 71 computed tokens each: 4 full blocks + a tail
     clock[0] = 10
     engine.kv.pins.expire()
     assert set(engine.kv.pins.pins) == {"b"}
@@ -115,3 +114,66 @@ def test_shared_prefix_blocks_count_once_against_the_pin_budget():
     assert pins.num_pinned_blocks == 6  # the shared prefix is still held by b
     pins.pin("c", pool.allocate(3), ttl_s=60)  # 9 distinct > 8: the oldest pin goes
     assert set(pins.pins) == {"c"} and pins.num_pinned_blocks == 3
+
+
+@pytest.mark.parametrize("kept_reply_tokens", [REPLY - 1, 3])
+def test_partly_shared_block_is_copied_and_continues_identically(path, kept_reply_tokens):
+    """A turn's history ends mid-block (and a client may send the reply back re-rendered,
+    diverging inside it): the shared tokens of that block are copied from the pin, not
+    recomputed, and the next turn's output equals a cold engine's. The next turn comes
+    under another session id, as an OpenAI client without one would (anonymous pins are
+    matched by their blocks)."""
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=0.02)
+    history = random_prompts(1, [250], seed=31)[0]
+    first, _, _ = _run_one(engine, history, session="anon:1", ttl=60)
+    other = [(t + 1) % 500 for t in first[kept_reply_tokens:]]
+    follow_up = history + first[:kept_reply_tokens] + other + random_prompts(1, [30], seed=32)[0]
+    shared = len(history) + kept_reply_tokens
+    assert shared % engine.kv.block_size, "the divergence must fall inside a block"
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    got, req, computed = _run_one(engine, follow_up, session="anon:2", ttl=60)
+    assert req.num_cached_tokens == shared
+    assert computed == len(follow_up) - shared + REPLY - 1
+    assert got == expected
+
+
+def _tight_engine(path, num_blocks):
+    block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
+    return make_engine(path, max_model_len=1024, kv_cache_gb=num_blocks * block_bytes / 2**30)
+
+
+def _turn_filling(engine, history, first, num_blocks):
+    """The next turn of `history`, long enough to need `num_blocks` blocks at admission."""
+    extra = 16 * num_blocks - len(history) - len(first) - REPLY
+    return history + first + random_prompts(1, [extra], seed=42)[0]
+
+
+def test_partial_copy_keeps_its_source_when_its_pin_gives_way(path):
+    """Both pins are released under pressure while the next turn allocates: the block to
+    copy from stays readable until the copy is done, then is freed like any other."""
+    engine = _tight_engine(path, 20)
+    history = random_prompts(1, [100], seed=41)[0]  # 107 computed: 6 full blocks + a tail
+    first, _, _ = _run_one(engine, history, session="s", ttl=60)
+    _run_one(engine, random_prompts(1, [40], seed=43)[0], session="t", ttl=60)  # 3 blocks
+    assert engine.kv.pins.pins["s"].tail_block is not None
+    follow_up = _turn_filling(engine, history, first, 18)  # 12 new blocks, 10 free
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    got, req, _ = _run_one(engine, follow_up, session="other", ttl=0)
+    assert engine.kv.pins.stats.released_pressure == 2
+    assert req.num_cached_tokens == len(history) + len(first) - 1
+    assert got == expected
+    assert all(c == 0 for c in engine.kv.pool.ref_counts)
+
+
+def test_partial_copy_is_dropped_when_its_source_is_the_block_missing(path):
+    """When only the copy's source block stands between the next turn and a fit, the
+    tokens are recomputed instead: the request is admitted, nothing is refused."""
+    engine = _tight_engine(path, 20)
+    history = random_prompts(1, [100], seed=41)[0]
+    first, _, _ = _run_one(engine, history, session="s", ttl=60)
+    follow_up = _turn_filling(engine, history, first, 20)  # every block of the pool
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    got, req, _ = _run_one(engine, follow_up, session="other", ttl=0)
+    assert req.num_cached_tokens == 16 * 6 and req.num_preemptions == 0
+    assert got == expected
+    assert all(c == 0 for c in engine.kv.pool.ref_counts)
