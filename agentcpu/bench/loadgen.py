@@ -140,11 +140,13 @@ class CompletionClient:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    def body(self, prompt: list[int], max_tokens: int, want_ids: bool) -> dict[str, Any]:
+    def body(self, prompt: list[int], max_tokens: int, want_ids: bool, session: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True,
         }  # fmt: skip
+        if session is not None:  # OpenAI's `user` field: an engine may key a session on it
+            body["user"] = f"bench-session-{session}"
         if self.caps.usage_in_stream:
             body["stream_options"] = {"include_usage": True}
         if self.caps.fixed_length:
@@ -159,7 +161,7 @@ class CompletionClient:
     ) -> RequestResult:  # fmt: skip
         result = RequestResult(len(prompt), max_tokens, self.now(), session=session, turn=turn)
         try:
-            await self._send(result, self.body(prompt, max_tokens, want_ids))
+            await self._send(result, self.body(prompt, max_tokens, want_ids, session))
         except httpx.TimeoutException as exc:
             _fail(result, "timeout", repr(exc))
         except httpx.TransportError as exc:

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from agentcpu.agents.loop import AgentEvent, AgentLoop, AgentRun
 from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.errors import CapacityError, ContextLengthError
-from agentcpu.server.chat import SESSION_HEADER, template_messages
+from agentcpu.server.chat import template_messages
 from agentcpu.server.errors import FieldError
 from agentcpu.server.generation import (
     SSE_DONE,
@@ -55,7 +55,7 @@ from agentcpu.server.generation import (
 from agentcpu.server.metrics import ServerMetrics
 from agentcpu.server.protocol import ChatCompletionRequest
 from agentcpu.server.server_tools import require_tools
-from agentcpu.server.sessions import SESSION_PREFIX
+from agentcpu.server.sessions import named_session
 from agentcpu.server.state import ServerState
 
 # A tool result as the `agent` trace shows it; the model reads it whole (up to the
@@ -161,8 +161,7 @@ def _first_tool_choice(body: ChatCompletionRequest, names: list[str]) -> str | d
 
 def _session_id(request: Request, body: ChatCompletionRequest, run_id: str) -> str:
     """As for plain chat turns (`chat.session_id`); a run without one pins anonymously."""
-    named = request.headers.get(SESSION_HEADER) or body.session_id or body.user
-    return f"{SESSION_PREFIX}{named}" if named else f"{ANONYMOUS_SESSION_PREFIX}{run_id}"
+    return named_session(request, body) or f"{ANONYMOUS_SESSION_PREFIX}{run_id}"
 
 
 # ---- the run --------------------------------------------------------------------------

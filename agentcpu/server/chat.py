@@ -34,6 +34,7 @@ from agentcpu.server.generation import (
 from agentcpu.server.logprobs import chat_logprobs
 from agentcpu.server.openapi import ENDPOINT_RESPONSES
 from agentcpu.server.protocol import ChatCompletionRequest, ChatCompletionResponse
+from agentcpu.server.sessions import named_session
 from agentcpu.server.state import ServerState, get_state
 from agentcpu.tools.parsers import tool_markers_are_special
 
@@ -107,17 +108,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 # ---- planning -------------------------------------------------------------------------
 
 
-SESSION_HEADER = "x-session-id"
-
-
 def session_id(request: Request, body: ChatCompletionRequest, plan: ChatPlan) -> str | None:
     """The agent session whose KV this turn keeps: the X-Session-Id header, else the
     `session_id` or `user` field. A tool-using request without one still pins its KV under
     its own id (released by TTL or memory pressure), so plain OpenAI clients running an
     agent loop keep their history cached through the tool pause."""
-    named = request.headers.get(SESSION_HEADER) or body.session_id or body.user
+    named = named_session(request, body)
     if named:
-        return f"s:{named}"
+        return named
     return f"anon:{plan.id}" if plan.tools else None
 
 

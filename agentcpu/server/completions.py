@@ -1,4 +1,9 @@
-"""POST /v1/completions: one or many prompts (text or token ids), n choices each."""
+"""POST /v1/completions: one or many prompts (text or token ids), n choices each.
+
+A request naming a session (X-Session-Id, `session_id` or `user`) with one prompt keeps
+its KV pinned for the session's next turn, as chat turns do: clients that run an agent
+loop on raw prompts (or token ids, like `agentcpu bench`) get the same reuse.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from agentcpu.server.generation import (
 from agentcpu.server.logprobs import completion_logprobs
 from agentcpu.server.openapi import ENDPOINT_RESPONSES
 from agentcpu.server.protocol import CompletionRequest, CompletionResponse
+from agentcpu.server.sessions import named_session
 from agentcpu.server.state import ServerState, get_state
 
 router = APIRouter()
@@ -60,8 +66,12 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_model(body.model)
     plan = plan_completion(state, body)
     ticket = state.admission.admit(len(plan.params))
+    session = named_session(request, body) if len(plan.prompts) == 1 else None
     streams = [
-        engine_stream(state, plan.prompt_of(i), params, f"{plan.id}-{i}", arrival)
+        engine_stream(
+            state, plan.prompt_of(i), params, f"{plan.id}-{i}", arrival,
+            session_id=session if i == 0 else None,
+        )
         for i, params in enumerate(plan.params)
     ]
     merged = merge_streams(streams)

@@ -1,6 +1,7 @@
 """GET /v1/sessions/{id} (what an agent session holds) and DELETE (end it now).
 
-A session id is what the client sent (X-Session-Id header, `session_id` or `user`).
+A session id is what the client sent (X-Session-Id header, `session_id` or `user`), on
+chat completions, agent runs and plain completions alike.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from agentcpu.server.errors import error_response
 from agentcpu.server.state import get_state
 
 router = APIRouter()
-SESSION_PREFIX = "s:"  # how chat.session_id names client sessions inside the engine
+SESSION_PREFIX = "s:"  # how client-named sessions are named inside the engine
+SESSION_HEADER = "x-session-id"
+
+
+def named_session(request: Request, body) -> str | None:
+    """The engine session a request names: the X-Session-Id header, else the body's
+    `session_id` or `user` field; None if it names none."""
+    named = request.headers.get(SESSION_HEADER) or body.session_id or body.user
+    return f"{SESSION_PREFIX}{named}" if named else None
 
 
 @router.get("/v1/sessions/{session_id}", summary="An agent session's cached tokens, pinned KV, turns")

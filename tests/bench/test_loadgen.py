@@ -131,6 +131,8 @@ def test_agent_sessions_grow_history_and_time_each_turn(stub):
     prompts = {(r.session, r.turn): r.prompt_tokens for r in outcome.results}
     assert prompts == {(s, t): expected_prompt[t] for s in (0, 1) for t in (1, 2, 3)}
     by_prompt = {tuple(body["prompt"]) for body in stub.state.bodies}
+    # each session's turns name it in OpenAI's `user` field (engines that key sessions on it)
+    assert {body["user"] for body in stub.state.bodies} == {"bench-session-0", "bench-session-1"}
     for job in jobs:
         assert isinstance(job, SessionJob)
         history = job.first_prompt

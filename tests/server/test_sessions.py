@@ -52,3 +52,24 @@ def test_get_and_delete_session(server):
     missing = httpx.get(f"{server.url}/v1/sessions/inspect-me", timeout=30)
     assert missing.status_code == 404 and "inspect-me" in missing.json()["error"]["message"]
     assert httpx.delete(f"{server.url}/v1/sessions/nobody", timeout=30).status_code == 404
+
+
+def test_completions_session_pins_and_next_turn_reuses_every_computed_token(server):
+    """A raw-prompt agent loop (token ids, as `agentcpu bench` sends) naming a session: the
+    turn's KV is pinned, and the next turn computes only what it adds, the partly filled
+    last block included (cached tokens are not a multiple of the block size)."""
+    url = f"{server.url}/v1/completions"
+    prompt = [(7 * i) % 200 + 10 for i in range(90)]
+    body = {"model": "default", "prompt": prompt, "max_tokens": 5, "temperature": 0, "user": "raw-1"}
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+    # what the pin holds: the prompt and the reply but its last token (never fed back)
+    held = server.engine(lambda e: list(e.kv.pins.pins["s:raw-1"].tokens))
+    assert held[: len(prompt)] == prompt and len(held) == len(prompt) + 4
+    assert len(held) % 16, "the turn must end inside a block"
+    body["prompt"] = held + [11, 12, 13]
+    second = httpx.post(url, json=body, timeout=60).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(held)
+    # without a session name nothing is pinned for the next turn
+    body |= {"user": None, "prompt": [5] * 50}
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+    assert not any(s.startswith("anon:") for s in _pins(server))
