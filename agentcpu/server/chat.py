@@ -113,10 +113,7 @@ def session_id(request: Request, body: ChatCompletionRequest, plan: ChatPlan) ->
     `session_id` or `user` field. A tool-using request without one still pins its KV under
     its own id (released by TTL or memory pressure), so plain OpenAI clients running an
     agent loop keep their history cached through the tool pause."""
-    named = named_session(request, body)
-    if named:
-        return named
-    return f"anon:{plan.id}" if plan.tools else None
+    return named_session(request, body) or (f"anon:{plan.id}" if plan.tools else None)
 
 
 def client_tool_pin_ttl(state: ServerState, body: ChatCompletionRequest, plan: ChatPlan) -> float | None:
