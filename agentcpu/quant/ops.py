@@ -30,6 +30,12 @@ def _use_tiled(x: torch.Tensor) -> bool:
     return native_bf16_matmul() and _tokens(x) >= TILED_MIN_TOKENS
 
 
+def _bf16_tiles(x: torch.Tensor) -> bool:
+    """Whether the tiled kernel multiplies in bf16: only for bf16 activations, so an fp32
+    model's products stay fp32 on every CPU."""
+    return native_bf16_matmul() and x.dtype == torch.bfloat16
+
+
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -39,7 +45,7 @@ def int8_linear(
         return int8_linear_reference(x, qweight, scales, bias)
     group = qweight.shape[1] // scales.shape[1]
     if _use_tiled(x) or x.shape[-1] % GEMV_INT8_ALIGN or group % GEMV_INT8_ALIGN:
-        return k.int8_linear_tiled(x, qweight, scales, bias, native_bf16_matmul())
+        return k.int8_linear_tiled(x, qweight, scales, bias, _bf16_tiles(x))
     return k.int8_linear_gemv(x, qweight, scales, bias)
 
 
@@ -55,7 +61,7 @@ def int4_linear(
     if k is None:
         return int4_linear_reference(x, qweight, scales, offsets, bias)
     if _use_tiled(x) or x.shape[-1] % GEMV_INT4_ALIGN:
-        return k.int4_linear_tiled(x, qweight, scales, offsets, bias, native_bf16_matmul())
+        return k.int4_linear_tiled(x, qweight, scales, offsets, bias, _bf16_tiles(x))
     return k.int4_linear_gemv(x, qweight, scales, offsets, bias)
 
 

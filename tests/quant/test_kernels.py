@@ -122,6 +122,20 @@ def test_dispatch_and_fallback_agree(batch):
         _assert_close(out.reshape(batch, -1), x, deq, b, quantized_acts=True)
 
 
+@needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_tiled_kernel_runs_under_inference_mode(bf16):
+    """The engine runs under torch.inference_mode; the tiled kernel's worker threads
+    write into the caller's inference tensors (regression: refused on AMX CPUs, where
+    every prefill chunk takes this kernel). Four weight tiles, so workers do run."""
+    w, x, b = _data(32, n=1024, dtype=torch.bfloat16)
+    q = formats.quantize_int8(w)
+    with torch.inference_mode():
+        out = kernels().int8_linear_tiled(x, q.qweight, q.scales, b, bf16)
+    ref = F.linear(x.float(), formats.dequantize_int8(q), b.float())
+    assert torch.allclose(out.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
 def test_odd_in_features_use_a_correct_path():
     """in_features not a multiple of the GEMV block (int8 per channel allows any)."""
     w, x, b = _data(2, k=100)

@@ -447,7 +447,11 @@ at::Tensor tiled_matmul(const at::Tensor& x, int64_t N, int64_t K, bool bf16, De
   const int64_t ntiles = (N + rows - 1) / rows;
   at::Tensor out_t = at::empty({N, B}, xc.options().dtype(at::kFloat));
   const at::Tensor xt = xc.t();
+  // InferenceMode is thread-local: worker threads take the caller's, or writing into the
+  // caller's inference tensors would be refused there.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, ntiles, 1, [&](int64_t i0, int64_t i1) {
+    c10::InferenceMode guard(inference);
     at::Tensor tile = at::empty({rows, K}, at::kFloat);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r0 = i * rows, nr = std::min(rows, N - r0);
