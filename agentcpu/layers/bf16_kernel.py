@@ -1,9 +1,13 @@
-"""Compiled bf16-weight linear for batched decode (`csrc/bf16_linear.cpp`).
+"""Compiled bf16-weight linears for decode-sized batches.
 
-Used by `layers.linear.dense_linear` for 2..`SMALL_BATCH_MAX_ROWS` rows on CPUs without
-native bf16 matmul, where PyTorch would either run its slow bf16 reference GEMM or need
-the whole weight widened to fp32 first. Built once per CPU by `hardware.native_build`;
-None where it cannot be built.
+- `bf16_dot_kernel()` (`csrc/bf16_dot_linear.cpp`): CPUs with AVX-512 BF16; VDPBF16PS
+  dot products, the weight read once per call in place. `layers.linear.dense_linear`
+  sends bf16 products of up to `DOT_MAX_ROWS` rows to it (oneDNN's GEMM wins above).
+- `bf16_kernel()` (`csrc/bf16_linear.cpp`): AVX2 CPUs without native bf16 matmul, where
+  PyTorch would either run its slow bf16 reference GEMM or need the whole weight widened
+  to fp32 first; fp32 FMAs on weights widened in registers.
+
+Each is built once per CPU by `hardware.native_build`; None where it cannot be built.
 """
 
 from __future__ import annotations
@@ -12,15 +16,38 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
+from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.hardware.native_build import build_extension
 
-SOURCE = Path(__file__).with_name("csrc") / "bf16_linear.cpp"
+CSRC = Path(__file__).with_name("csrc")
 DECLARATIONS = """
 at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias);
+"""
+DOT_DECLARATIONS = """
+bool bf16_dot_available();
+at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);
 """
 
 
 @functools.cache
 def bf16_kernel() -> ModuleType | None:
-    return build_extension("bf16", SOURCE, DECLARATIONS, ["bf16_linear_small_batch"])
+    return build_extension(
+        "bf16", CSRC / "bf16_linear.cpp", DECLARATIONS, ["bf16_linear_small_batch"]
+    )
+
+
+@functools.cache
+def bf16_dot_kernel() -> ModuleType | None:
+    if not detect_cpu().avx512_bf16:
+        return None
+    module = build_extension(
+        "bf16_dot",
+        CSRC / "bf16_dot_linear.cpp",
+        DOT_DECLARATIONS,
+        ["bf16_dot_available", "bf16_dot_linear"],
+    )
+    if module is None or not module.bf16_dot_available():
+        return None
+    return module

@@ -7,15 +7,19 @@ replaces this module with one of the same call signature (see `quant/`).
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agentcpu.errors import ModelLoadError
+from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.hardware.native_build import native_bf16_matmul
-from agentcpu.layers.bf16_kernel import bf16_kernel
+from agentcpu.layers.amx_kernel import amx_kernel, amx_shape_ok
+from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel
 
 
 class Linear(nn.Module):
@@ -59,21 +63,58 @@ class Linear(nn.Module):
 # cap at 32); prefill chunks take the widening path.
 SMALL_BATCH_MAX_ROWS = 64
 
+# Up to this many rows a bf16 product on an AVX-512 BF16 CPU goes to the VDPBF16PS
+# kernel: 2-3x oneDNN at 1-8 rows, 1.1-1.6x at 12-64, even at 128-256 (Zen 4, 2 threads,
+# docs/kernels.md). On AMX CPUs only the bandwidth-bound products of up to
+# `DOT_MAX_ROWS_AMX` rows go there (there oneDNN multiplies on tiles; not measured).
+DOT_MAX_ROWS = 128
+DOT_MAX_ROWS_AMX = 4
+
+# Up to this many rows a bf16 product on an AMX CPU goes to our tile kernel when
+# `AGENTCPU_AMX_LINEAR=1` (amx_kernel.py): it reads the weight in place where oneDNN
+# repacks it per call.
+AMX_MAX_ROWS = 128
+
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias. Where the CPU has no native bf16 GEMM, a bf16 product of up
-    to `SMALL_BATCH_MAX_ROWS` rows goes to the compiled small-batch kernel (weights read
-    once with software prefetch, fp32 FMAs; `csrc/bf16_linear.cpp`) — at one row too,
-    where it decodes ~20 % faster than PyTorch's bf16 GEMV (docs/kernels.md) — and bigger
-    batches widen the weight to fp32: the conversion costs one pass over the weights, the
-    fp32 GEMM then runs at full speed."""
+    """x @ weight.T + bias. Where the CPU multiplies bf16 natively, decode-sized bf16
+    products go to our kernels (`_native_bf16_kernel`), the rest to PyTorch's oneDNN
+    GEMM. Where it does not, a bf16 product of up to `SMALL_BATCH_MAX_ROWS` rows goes to
+    the compiled AVX2 small-batch kernel (weights read once with software prefetch, fp32
+    FMAs; `csrc/bf16_linear.cpp`) — at one row too, where it decodes ~20 % faster than
+    PyTorch's bf16 GEMV (docs/kernels.md) — and bigger batches widen the weight to fp32:
+    the conversion costs one pass over the weights, the fp32 GEMM then runs at full
+    speed."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if weight.dtype != torch.bfloat16 or rows == 0 or native_bf16_matmul():
+    if weight.dtype != torch.bfloat16 or rows == 0:
         return F.linear(x, weight, bias)
-    if rows <= SMALL_BATCH_MAX_ROWS and (kernel := bf16_kernel()) is not None:
-        return kernel.bf16_linear_small_batch(x, weight, bias)
+    if native_bf16_matmul():
+        kernel = _native_bf16_kernel(rows, x, weight)
+        return F.linear(x, weight, bias) if kernel is None else kernel(x, weight, bias)
+    if rows <= SMALL_BATCH_MAX_ROWS and (small := bf16_kernel()) is not None:
+        return small.bf16_linear_small_batch(x, weight, bias)
     wide_bias = None if bias is None else bias.float()
     return F.linear(x.float(), _widened(weight), wide_bias).to(x.dtype)
+
+
+def _native_bf16_kernel(rows: int, x: torch.Tensor, weight: torch.Tensor) -> Callable | None:
+    """Our kernel for a bf16 product of `rows` rows on a CPU with native bf16 matmul:
+    the AMX tile kernel where enabled and the weight tiles, else the VDPBF16PS kernel up
+    to its row cap; None for PyTorch's GEMM."""
+    if x.dtype != torch.bfloat16:
+        return None
+    if rows <= AMX_MAX_ROWS and amx_shape_ok(weight.shape) and (amx := amx_kernel()) is not None:
+        return amx.amx_bf16_linear
+    if rows <= dot_max_rows() and (dot := bf16_dot_kernel()) is not None:
+        return dot.bf16_dot_linear
+    return None
+
+
+@functools.cache
+def dot_max_rows() -> int:
+    """The VDPBF16PS kernel's row cap on this CPU (reading the CPU's flags costs ~80 us,
+    more than a decode-sized product)."""
+    return DOT_MAX_ROWS_AMX if detect_cpu().amx_bf16 else DOT_MAX_ROWS
 
 
 class _WideningScratch(threading.local):
