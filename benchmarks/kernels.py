@@ -1,5 +1,6 @@
-"""Weight-only int8 / int4 linear kernels against bf16 / fp32 F.linear and the bandwidth
-roofline, on the Qwen2.5-0.5B layer shapes (docs/quantization.md records the table).
+"""Our linear kernels (weight-only int8 / int4; bf16 on AVX-512 BF16 and AVX2) against
+bf16 / fp32 F.linear and the bandwidth roofline, on the Qwen2.5-0.5B layer shapes
+(docs/quantization.md and docs/kernels.md record the tables).
 
     python benchmarks/kernels.py [--batches 1 8 32] [--shapes qkv o gate_up down]
         [--rounds 31] [--threads N] [--compile] [--working-set-mb 256] [--json out.json]
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from agentcpu.hardware.probe import measure_read_bandwidth
+from agentcpu.layers.amx_kernel import amx_shape_ok, built_amx_kernel
+from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel
 from agentcpu.quant import formats
 from agentcpu.quant.kernels import kernels
 
@@ -139,6 +142,21 @@ def _methods(k_in, n_out, batch, with_compile, working_set):
                 int4g32_args,
             ),
         }
+    if (dot := bf16_dot_kernel()) is not None:
+        methods["ours bf16 dot (AVX-512 BF16)"] = (
+            lambda w: dot.bf16_dot_linear(xb, w, None),
+            (w.bfloat16(),),
+        )
+    if (amx := built_amx_kernel()) is not None and amx_shape_ok(w.shape):
+        methods["ours bf16 AMX tiles"] = (
+            lambda w: amx.amx_bf16_linear(xb, w, None),
+            (w.bfloat16(),),
+        )
+    if (small := bf16_kernel()) is not None and batch <= 64:
+        methods["ours bf16 small-batch (AVX2)"] = (
+            lambda w: small.bf16_linear_small_batch(xb, w, None),
+            (w.bfloat16(),),
+        )
     if with_compile:
         int8_mm, int4_mm = _compiled_dequant_matmuls()
         methods |= {
