@@ -1,8 +1,12 @@
-"""Compiled bf16-weight linears for decode-sized batches.
+"""Compiled bf16-weight linears.
 
+- `bf16_packed_kernel()` (`csrc/bf16_packed_linear.cpp`): CPUs with AVX-512 BF16; the
+  weight repacked once at load into VDPBF16PS operand order (`layers.packed_linear`),
+  every batch size.
 - `bf16_dot_kernel()` (`csrc/bf16_dot_linear.cpp`): CPUs with AVX-512 BF16; VDPBF16PS
   dot products, the weight read once per call in place. `layers.linear.dense_linear`
-  sends bf16 products of up to `DOT_MAX_ROWS` rows to it (oneDNN's GEMM wins above).
+  sends bf16 products of up to `DOT_MAX_ROWS` rows to it (oneDNN's GEMM wins above):
+  weights that are not packed (a tied LM head, shapes that do not pack).
 - `bf16_kernel()` (`csrc/bf16_linear.cpp`): AVX2 CPUs without native bf16 matmul, where
   PyTorch would either run its slow bf16 reference GEMM or need the whole weight widened
   to fp32 first; fp32 FMAs on weights widened in registers.
@@ -29,6 +33,11 @@ bool bf16_dot_available();
 at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);
 """
+PACKED_DECLARATIONS = """
+bool bf16_packed_available();
+at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed,
+    const c10::optional<at::Tensor>& bias);
+"""
 
 
 @functools.cache
@@ -40,14 +49,23 @@ def bf16_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_dot_kernel() -> ModuleType | None:
+    return _avx512_bf16_extension("dot", DOT_DECLARATIONS)
+
+
+@functools.cache
+def bf16_packed_kernel() -> ModuleType | None:
+    return _avx512_bf16_extension("packed", PACKED_DECLARATIONS)
+
+
+def _avx512_bf16_extension(name: str, declarations: str) -> ModuleType | None:
+    """`csrc/bf16_<name>_linear.cpp` where the CPU has AVX-512 BF16 and the build took
+    its VDPBF16PS path (`bf16_<name>_available()`), else None."""
     if not detect_cpu().avx512_bf16:
         return None
+    functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
     module = build_extension(
-        "bf16_dot",
-        CSRC / "bf16_dot_linear.cpp",
-        DOT_DECLARATIONS,
-        ["bf16_dot_available", "bf16_dot_linear"],
+        f"bf16_{name}", CSRC / f"bf16_{name}_linear.cpp", declarations, functions
     )
-    if module is None or not module.bf16_dot_available():
+    if module is None or not getattr(module, functions[0])():
         return None
     return module

@@ -14,6 +14,7 @@ from torch import nn
 from agentcpu.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from agentcpu.errors import ModelLoadError
 from agentcpu.layers.linear import Linear
+from agentcpu.layers.packed_linear import pack_linears
 from agentcpu.loaders.gguf_file import GGUFModelFile
 from agentcpu.loaders.gguf_tensors import (
     CONFIG_TENSORS,
@@ -103,7 +104,9 @@ def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | 
         model = build_model(config.model_config, config.dtype, config.max_model_len)
         load_weights(model, iter_safetensors(config.model))
         tokenizer = load_tokenizer(config.model)
-    return apply_quant(model, config.quant), tokenizer
+    model = apply_quant(model, config.quant)
+    pack_linears(model)  # bf16 layers left after quantization, where AVX-512 BF16 exists
+    return model, tokenizer
 
 
 def _is_gguf_file(model: str | Path) -> bool:

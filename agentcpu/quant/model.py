@@ -17,6 +17,7 @@ from torch import nn
 
 from agentcpu.errors import InvalidRequestError
 from agentcpu.layers.linear import Linear
+from agentcpu.layers.packed_linear import PackedLinear
 from agentcpu.quant.formats import INT4_GROUP_SIZES, check_group
 from agentcpu.quant.modules import Int4Linear, Int8Linear
 
@@ -54,16 +55,20 @@ def _quantize_tied_head(model: nn.Module) -> None:
         model.lm_head = Int8Linear.from_float(model.model.embed_tokens.weight.data.float())
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear]]:
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear | PackedLinear]]:
+    """Every float linear layer, plain or packed (a model loaded in bf16 on an AVX-512
+    BF16 CPU holds packed ones)."""
     return [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if isinstance(child, Linear)
+        if isinstance(child, Linear | PackedLinear)
     ]
 
 
-def _quantize_linear(layer: Linear, method: str, group_size: int, symmetric: bool) -> nn.Module:
+def _quantize_linear(
+    layer: Linear | PackedLinear, method: str, group_size: int, symmetric: bool
+) -> nn.Module:
     if method == "int8":
         return Int8Linear.from_float(layer.weight.data, layer.bias)
     return Int4Linear.from_float(layer.weight.data, layer.bias, group_size, symmetric)

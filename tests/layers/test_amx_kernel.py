@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from agentcpu.layers import linear
 from agentcpu.layers.amx_kernel import ENABLE_ENV, amx_shape_ok, built_amx_kernel
 
-needs_amx = pytest.mark.skipif(built_amx_kernel() is None, reason="CPU or OS without AMX bf16 tiles")
+needs_amx = pytest.mark.skipif(
+    built_amx_kernel() is None, reason="CPU or OS without AMX bf16 tiles"
+)
 
 
 def _reference(x, w, b):
@@ -46,9 +48,13 @@ def test_keeps_leading_dimensions_and_no_bias():
 @needs_amx
 def test_rejects_shapes_that_do_not_tile():
     with pytest.raises(RuntimeError, match="N % 16"):
-        built_amx_kernel().amx_bf16_linear(torch.randn(2, 64).bfloat16(), torch.randn(20, 64).bfloat16(), None)
+        built_amx_kernel().amx_bf16_linear(
+            torch.randn(2, 64).bfloat16(), torch.randn(20, 64).bfloat16(), None
+        )
     with pytest.raises(RuntimeError, match="features"):
-        built_amx_kernel().amx_bf16_linear(torch.randn(2, 32).bfloat16(), torch.randn(16, 64).bfloat16(), None)
+        built_amx_kernel().amx_bf16_linear(
+            torch.randn(2, 32).bfloat16(), torch.randn(16, 64).bfloat16(), None
+        )
 
 
 def test_shape_rule():

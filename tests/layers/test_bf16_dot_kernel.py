@@ -53,7 +53,9 @@ def test_rejects_what_it_cannot_multiply():
     with pytest.raises(RuntimeError, match="input must be bf16"):
         dot.bf16_dot_linear(torch.randn(2, 16), torch.randn(4, 16).bfloat16(), None)
     with pytest.raises(RuntimeError, match="bias"):
-        dot.bf16_dot_linear(torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16(), torch.randn(3))
+        dot.bf16_dot_linear(
+            torch.randn(2, 16).bfloat16(), torch.randn(4, 16).bfloat16(), torch.randn(3)
+        )
 
 
 @needs_dot

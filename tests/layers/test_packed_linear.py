@@ -1,0 +1,141 @@
+"""Packed bf16 linear layers: the layout, the kernel against an fp32 reference, the module
+swap at load and what still works on a packed model (quantizing it)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agentcpu.layers.bf16_kernel import bf16_packed_kernel
+from agentcpu.layers.linear import Linear
+from agentcpu.layers.packed_linear import (
+    PackedLinear,
+    pack_linears,
+    pack_weight,
+    packable,
+    unpack_weight,
+)
+from agentcpu.quant import apply_quant
+from agentcpu.quant.modules import Int8Linear
+from tests.engine.helpers import make_engine
+
+needs_packed = pytest.mark.skipif(bf16_packed_kernel() is None, reason="CPU without AVX-512 BF16")
+
+
+def _reference(x, w, b):
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+def _assert_close(out, ref):
+    # exact bf16 products, fp32 sums in another order, one bf16 rounding at the end
+    assert torch.allclose(out.float(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
+
+
+def _linear(n, k, bias, seed=0):
+    layer = Linear(k, n, bias, torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    layer.weight.data.copy_(torch.randn(n, k, generator=gen) * 0.1)
+    if bias:
+        layer.bias.data.copy_(torch.randn(n, generator=gen))
+    return layer
+
+
+def test_layout_is_vdpbf16ps_operand_order():
+    w = torch.arange(32 * 6, dtype=torch.float32).view(32, 6).bfloat16()
+    p = pack_weight(w)
+    assert p.shape == (2, 3, 16, 2)
+    # block 1, k pair 2: rows 16..31, k 4..5
+    assert torch.equal(p[1, 2], w[16:32, 4:6])
+    assert torch.equal(unpack_weight(p), w)
+
+
+def test_only_bf16_shapes_that_pack():
+    assert packable(_linear(32, 64, False))
+    assert not packable(_linear(24, 64, False))  # rows not a multiple of 16
+    assert not packable(_linear(32, 63, False))  # odd in_features
+    fp32 = Linear(64, 32, False, torch.float32)
+    assert not packable(fp32)
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 8, 13, 128, 129, 300])
+@pytest.mark.parametrize("n, k", [(16, 2), (48, 64), (80, 100), (272, 896), (96, 4864)])
+def test_kernel_matches_fp32_reference(rows, n, k):
+    """Every remainder of the 6-token groups and of the 4-block tiles (1, 3, 5 and 17
+    blocks), 128-token panels and one past it, K of one pair and K long."""
+    gen = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    for bias in (b, None):
+        out = bf16_packed_kernel().bf16_packed_linear(x, pack_weight(w), bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        _assert_close(out, _reference(x, w, bias))
+
+
+@needs_packed
+def test_kernel_rejects_what_it_cannot_multiply():
+    k = bf16_packed_kernel()
+    p = pack_weight(torch.randn(16, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="features"):
+        k.bf16_packed_linear(torch.randn(2, 6).bfloat16(), p, None)
+    with pytest.raises(RuntimeError, match="input must be bf16"):
+        k.bf16_packed_linear(torch.randn(2, 8), p, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        k.bf16_packed_linear(torch.randn(2, 8).bfloat16(), p, torch.randn(15))
+    with pytest.raises(RuntimeError, match="packed weight"):
+        k.bf16_packed_linear(torch.randn(2, 8).bfloat16(), torch.randn(16, 8).bfloat16(), None)
+
+
+@needs_packed
+def test_module_keeps_the_layer_contract():
+    layer = _linear(48, 64, True)
+    packed = PackedLinear(layer)
+    assert (packed.in_features, packed.out_features) == (64, 48)
+    assert torch.equal(packed.weight, layer.weight.data) and torch.equal(
+        packed.bias, layer.bias.data
+    )
+    x = torch.randn(2, 3, 64).bfloat16()
+    _assert_close(packed(x), _reference(x, layer.weight, layer.bias))
+    x32 = torch.randn(5, 64)  # fp32 activations take PyTorch's path
+    assert torch.allclose(packed(x32), _reference(x32, layer.weight, layer.bias), atol=1e-5)
+
+
+@needs_packed
+def test_loaded_bf16_model_is_packed_and_agrees_with_the_plain_one(checkpoint_dir):
+    path = checkpoint_dir("qwen2")
+    engine = make_engine(path, dtype="bfloat16")
+    plain = make_engine(path, dtype="bfloat16")
+    for name, module in list(plain.model.named_modules()):
+        if isinstance(module, PackedLinear):  # undo the swap: the same weights, plain
+            parent, _, leaf = name.rpartition(".")
+            layer = Linear(
+                module.in_features, module.out_features, module.bias is not None, torch.bfloat16
+            )
+            layer.weight.data.copy_(module.weight)
+            if module.bias is not None:
+                layer.bias.data.copy_(module.bias)
+            setattr(plain.model.get_submodule(parent), leaf, layer)
+    packed_layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed_layers) >= 4 * engine.config.model_config.num_layers  # + an untied head
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    prompt = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours, theirs = engine.prompt_logits(prompt), plain.prompt_logits(prompt)
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    assert agree >= 0.97, f"top-1 agreement packed vs plain {agree:.3f}"
+
+
+@needs_packed
+def test_a_packed_model_quantizes(checkpoint_dir):
+    engine = make_engine(checkpoint_dir("llama"), dtype="bfloat16")
+    assert any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    apply_quant(engine.model, "int8")
+    assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in engine.model.modules()) > 0
+
+
+def test_nothing_is_swapped_without_the_kernel(monkeypatch):
+    from agentcpu.layers import packed_linear
+
+    monkeypatch.setattr(packed_linear, "bf16_packed_kernel", lambda: None)
+    model = torch.nn.Sequential(_linear(32, 64, False))
+    assert pack_linears(model) == 0 and isinstance(model[0], Linear)
