@@ -77,3 +77,17 @@ def build_extension(
     except Exception as exc:  # compiler, ninja or headers missing: fall back, loudly
         log.warning("compiled %s kernels unavailable, using the PyTorch path: %s", name, exc)
         return None
+
+
+def build_avx512_bf16_extension(
+    name: str, source: Path, declarations: str, functions: list[str]
+) -> ModuleType | None:
+    """`build_extension` for a source whose fast path needs AVX-512 BF16: None where the
+    CPU lacks it or the build did not take that path (`functions[0]` is the source's
+    `*_available()` probe)."""
+    if not detect_cpu().avx512_bf16:
+        return None
+    module = build_extension(name, source, declarations, functions)
+    if module is None or not getattr(module, functions[0])():
+        return None
+    return module

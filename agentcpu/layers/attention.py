@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from agentcpu.layers.fused_ops import fused_for
+from agentcpu.layers.fused_ops import PREFILL_HEAD_DIMS, fused_for, prefill_attention_kernel
 
 
 @dataclass
@@ -57,8 +57,27 @@ def paged_attention(
         out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         end = chunk.start + chunk.length
-        out[chunk.start : end] = _prefill(q[chunk.start : end], k, v, k_cache, v_cache, chunk, scale)
+        if (kernel := _prefill_kernel(q, k_cache)) is not None:
+            slots = chunk.context_slots
+            slots = meta.slot_mapping[chunk.start : end] if slots is None else slots
+            out[chunk.start : end] = kernel.prefill_attention(
+                q[chunk.start : end], k_cache, v_cache, slots, scale
+            )
+        else:
+            out[chunk.start : end] = _prefill(
+                q[chunk.start : end], k, v, k_cache, v_cache, chunk, scale
+            )
     return out
+
+
+def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor):
+    """The compiled chunk-over-context attention where it applies (bf16 on AVX-512 BF16,
+    head_dim 64 or 128): 2-3x PyTorch's SDPA at agent shapes (docs/kernels.md)."""
+    if q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
+        return None
+    if q.shape[-1] not in PREFILL_HEAD_DIMS:
+        return None
+    return prefill_attention_kernel()
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

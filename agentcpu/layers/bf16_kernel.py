@@ -20,8 +20,7 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
-from agentcpu.hardware.cpu_features import detect_cpu
-from agentcpu.hardware.native_build import build_extension
+from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
 
 CSRC = Path(__file__).with_name("csrc")
 DECLARATIONS = """
@@ -58,14 +57,7 @@ def bf16_packed_kernel() -> ModuleType | None:
 
 
 def _avx512_bf16_extension(name: str, declarations: str) -> ModuleType | None:
-    """`csrc/bf16_<name>_linear.cpp` where the CPU has AVX-512 BF16 and the build took
-    its VDPBF16PS path (`bf16_<name>_available()`), else None."""
-    if not detect_cpu().avx512_bf16:
-        return None
+    """`csrc/bf16_<name>_linear.cpp` where the CPU has AVX-512 BF16, else None."""
     functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
-    module = build_extension(
-        f"bf16_{name}", CSRC / f"bf16_{name}_linear.cpp", declarations, functions
-    )
-    if module is None or not getattr(module, functions[0])():
-        return None
-    return module
+    source = CSRC / f"bf16_{name}_linear.cpp"
+    return build_avx512_bf16_extension(f"bf16_{name}", source, declarations, functions)

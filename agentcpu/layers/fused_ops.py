@@ -1,5 +1,7 @@
 """Compiled fused decoder ops (`csrc/fused_ops.cpp`): RMSNorm, rotary embedding in place,
-SiLU-and-multiply, and one-token-per-sequence attention over paged KV slots.
+SiLU-and-multiply, and one-token-per-sequence attention over paged KV slots; and, on
+AVX-512 BF16 CPUs, a prefill chunk's attention over its paged context
+(`csrc/prefill_attention.cpp`).
 
 A decode step runs ~40 small PyTorch ops per layer whose dispatch costs more than their
 arithmetic; these kernels replace most of them. Each rounds to the tensor dtype where
@@ -16,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from agentcpu.hardware.native_build import build_extension
+from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -28,12 +30,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
 """
 FUNCTIONS = ["rms_norm", "rope_inplace", "silu_mul", "decode_attention"]
+PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
+PREFILL_DECLARATIONS = """
+bool prefill_attention_available();
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, double scale);
+"""
+PREFILL_HEAD_DIMS = (64, 128)
 DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
 def fused() -> ModuleType | None:
     return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS)
+
+
+@functools.cache
+def prefill_attention_kernel() -> ModuleType | None:
+    """Causal attention of a bf16 prefill chunk over its paged context
+    (`csrc/prefill_attention.cpp`), where the CPU has AVX-512 BF16; else None."""
+    return build_avx512_bf16_extension(
+        "prefill_attention",
+        PREFILL_SOURCE,
+        PREFILL_DECLARATIONS,
+        ["prefill_attention_available", "prefill_attention"],
+    )
 
 
 def fused_for(x: torch.Tensor) -> ModuleType | None:

@@ -1,0 +1,285 @@
+// Causal attention of a prefill chunk over its paged context, bf16, on CPUs with
+// AVX-512 BF16: the agent case, where a follow-up turn's few hundred new tokens attend
+// to thousands of cached ones.
+//
+// out[i, h] = softmax_j<=p_i(q[i, h] . k_j * scale) v_j, with p_i = C - L + i the
+// absolute position of query i of L, and keys/values j < C read from the cache through
+// `slots` (the chunk's own K/V are already written there).
+//
+// PyTorch's SDPA ran these shapes at 100-130 GFLOPS here (a 348-token chunk over 2,646
+// keys: 26 ms per layer, as long as the chunk's linear layers). Here every product is a
+// VDPBF16PS in the broadcast form of `bf16_packed_linear.cpp`:
+// - per KV head, the context's keys are packed once per call as [C/16][D/2][16][2] and
+//   the values as [D/16][C/2][16][2] (operand order: a 64-byte line is 2 values of 16
+//   keys, resp. of 16 channels for 2 keys);
+// - a tile of 6 query rows (query, head) of one KV head walks the key blocks of 64 in
+//   order: scores S = q K^T as 6 x 4 zmm (a broadcast query pair against a line of 16
+//   keys), online softmax in fp32 (running max and sum per row, probabilities rounded to
+//   bf16 as flash attention does), then O += P V in groups of 64 channels as 6 x 4 zmm
+//   (a broadcast pair of probabilities against a line of 16 channels), O rescaled when
+//   the max moves.
+// Key blocks past a tile's last position are skipped; the block holding it is masked.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define AGENTCPU_PREFILL_BF16 1
+#endif
+
+namespace {
+
+constexpr int64_t kKeyBlock = 64;  // keys per block: 4 zmm of scores per row
+constexpr int kRows = 6;           // query rows per tile
+constexpr int64_t kQueriesPerItem = 16;
+
+#ifdef AGENTCPU_PREFILL_BF16
+
+// 2^x for x <= 0 (x = -inf -> 0), ~2e-7 relative error: 2^n by scalef, 2^f by a degree-6
+// polynomial on f in [-0.5, 0.5].
+inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+inline __m512bh broadcast_pair(const uint16_t* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return bh(_mm512_set1_epi32(pair));
+}
+
+// One KV head's context, packed for the two products (see the header).
+struct PackedContext {
+  std::vector<uint16_t> keys;    // [Cp/16][D/2][16][2]
+  std::vector<uint16_t> values;  // [D/16][Cp/2][16][2]
+  int64_t padded = 0;            // Cp: C rounded up to the key block
+};
+
+void pack_context(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* slots, int64_t C,
+                  int64_t KVH, int64_t kh, int64_t D, PackedContext& pc) {
+  const int64_t Cp = (C + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  pc.padded = Cp;
+  pc.keys.assign(Cp * D, 0);
+  pc.values.assign(Cp * D, 0);
+  for (int64_t j = 0; j < C; ++j) {
+    const uint16_t* k = k_cache + (slots[j] * KVH + kh) * D;
+    const uint16_t* v = v_cache + (slots[j] * KVH + kh) * D;
+    uint16_t* kdst = pc.keys.data() + (j / 16) * D * 16 + (j % 16) * 2;
+    for (int64_t p = 0; p < D / 2; ++p) std::memcpy(kdst + p * 32, k + 2 * p, 4);
+    uint16_t* vdst = pc.values.data() + (j / 2) * 32 + (j % 2);
+    for (int64_t c = 0; c < D; ++c) vdst[(c / 16) * Cp * 16 + (c % 16) * 2] = v[c];
+  }
+}
+
+// Running state of the tile's rows: output accumulators (in memory: they live across
+// the score product, which needs the registers), max and sum.
+struct RowState {
+  float* o[kRows];
+  float m[kRows], l[kRows];
+};
+
+// Scores of T rows against key block kb: s[t][j] = q_t . keys[kb*64 + 16 j + lane].
+template <int T>
+inline void block_scores(const uint16_t* const* q, int64_t D, const uint16_t* keys, int64_t kb, __m512 (&s)[kRows][4]) {
+#pragma GCC unroll 6
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) s[t][j] = _mm512_setzero_ps();
+  const uint16_t* kbase = keys + kb * (kKeyBlock / 16) * D * 16;
+  for (int64_t p = 0; p < D / 2; ++p) {
+    __m512bh kv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) kv[j] = bh(_mm512_loadu_si512(kbase + j * D * 16 + p * 32));
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t) {
+      const __m512bh qv = broadcast_pair(q[t] + 2 * p);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) s[t][j] = _mm512_dpbf16_ps(s[t][j], kv[j], qv);
+    }
+  }
+}
+
+// T rows (query positions pos[t], bf16 queries q[t]) over every key block they see.
+template <int T>
+void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
+               float scale_log2e, float* const* out_rows) {
+  RowState st;
+  for (int t = 0; t < T; ++t) {
+    st.o[t] = out_rows[t];
+    std::fill(st.o[t], st.o[t] + D, 0.f);
+    st.m[t] = -std::numeric_limits<float>::infinity();
+    st.l[t] = 0.f;
+  }
+  int64_t last = 0;
+  for (int t = 0; t < T; ++t) last = std::max(last, pos[t]);
+  const int64_t blocks = last / kKeyBlock + 1;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) uint16_t probs[kRows][kKeyBlock];
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    __m512 s[kRows][4];
+    block_scores<T>(q, D, pc.keys.data(), kb, s);
+    const int64_t first_key = kb * kKeyBlock;
+    for (int t = 0; t < T; ++t) {
+      if (first_key + kKeyBlock - 1 > pos[t]) {  // the block crosses this row's position
+        for (int j = 0; j < 4; ++j) {
+          const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(first_key + 16 * j)));
+          const __mmask16 hidden = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(pos[t])));
+          s[t][j] = _mm512_mask_mov_ps(s[t][j], hidden, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+        }
+      }
+      const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[t][0], s[t][1]), _mm512_max_ps(s[t][2], s[t][3]));
+      const float m_new = std::max(st.m[t], _mm512_reduce_max_ps(mx4));
+      const __m512 shift = _mm512_set1_ps(m_new);
+      const __m512 sl = _mm512_set1_ps(scale_log2e);
+      __m512 sum = _mm512_setzero_ps();
+      for (int j = 0; j < 4; j += 2) {
+        const __m512 e0 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[t][j], shift), sl));
+        const __m512 e1 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[t][j + 1], shift), sl));
+        const __m512bh pr = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half
+        _mm512_store_si512(probs[t] + 16 * j, reinterpret_cast<__m512i>(pr));
+        // sum what is multiplied: the bf16-rounded probabilities
+        const __m512i w = reinterpret_cast<__m512i>(pr);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xffff0000))));
+      }
+      const float corr = std::exp2((st.m[t] - m_new) * scale_log2e);  // 0 at the first block
+      st.l[t] = st.l[t] * corr + _mm512_reduce_add_ps(sum);
+      st.m[t] = m_new;
+      if (corr != 1.f) {
+        const __m512 c = _mm512_set1_ps(corr);
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(st.o[t] + d, _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + d), c));
+      }
+    }
+    // O += P V over the block's 32 key pairs, 64 channels (4 zmm per row) at a time
+    const uint16_t* vbase = pc.values.data() + first_key * 16;
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      __m512 o[kRows][4];
+#pragma GCC unroll 6
+      for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; ++d) o[t][d] = _mm512_loadu_ps(st.o[t] + c0 + 16 * d);
+      const uint16_t* vgroup = vbase + (c0 / 16) * pc.padded * 16;
+      for (int64_t kp = 0; kp < kKeyBlock / 2; ++kp) {
+        __m512bh vv[4];
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; ++d) vv[d] = bh(_mm512_loadu_si512(vgroup + d * pc.padded * 16 + kp * 32));
+#pragma GCC unroll 6
+        for (int t = 0; t < T; ++t) {
+          const __m512bh pv = broadcast_pair(probs[t] + 2 * kp);
+#pragma GCC unroll 4
+          for (int d = 0; d < 4; ++d) o[t][d] = _mm512_dpbf16_ps(o[t][d], vv[d], pv);
+        }
+      }
+#pragma GCC unroll 6
+      for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; ++d) _mm512_storeu_ps(st.o[t] + c0 + 16 * d, o[t][d]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512 inv = _mm512_set1_ps(1.f / st.l[t]);
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(st.o[t] + d, _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + d), inv));
+  }
+}
+
+void tile_dispatch(int T, const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
+                   float scale_log2e, float* const* out_rows) {
+  switch (T) {
+    case 6: tile_rows<6>(q, pos, D, pc, scale_log2e, out_rows); break;
+    case 5: tile_rows<5>(q, pos, D, pc, scale_log2e, out_rows); break;
+    case 4: tile_rows<4>(q, pos, D, pc, scale_log2e, out_rows); break;
+    case 3: tile_rows<3>(q, pos, D, pc, scale_log2e, out_rows); break;
+    case 2: tile_rows<2>(q, pos, D, pc, scale_log2e, out_rows); break;
+    default: tile_rows<1>(q, pos, D, pc, scale_log2e, out_rows);
+  }
+}
+
+#endif  // AGENTCPU_PREFILL_BF16
+
+}  // namespace
+
+// Whether this build has the AVX-512 BF16 path.
+bool prefill_attention_available() {
+#ifdef AGENTCPU_PREFILL_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+// q [L, H, D] bf16 (last dim contiguous); caches [S, KVH, D] bf16 contiguous; slots int64
+// [C] (C >= L: the context, chunk included, in order). D must be 64 or 128.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& slots, double scale) {
+  TORCH_CHECK(prefill_attention_available(), "this build has no AVX-512 BF16 path");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.scalar_type() == at::kBFloat16,
+              "q and the KV cache must be bf16");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [L, H, D] with a contiguous last dim");
+  const int64_t L = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
+  TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0, "head_dim mismatch or heads not a multiple of KV heads");
+  const at::Tensor sl = slots.to(at::kLong).contiguous();
+  const int64_t C = sl.numel();
+  TORCH_CHECK(C >= L && L >= 1, "context (", C, " slots) must hold the chunk (", L, " queries)");
+  at::Tensor out = at::empty({L, H, D}, q.options());
+#ifdef AGENTCPU_PREFILL_BF16
+  const int64_t G = H / KVH;
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const auto* kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  std::vector<PackedContext> packed(KVH);
+  at::parallel_for(0, KVH, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t kh = h0; kh < h1; ++kh) pack_context(kc, vc, sp, C, KVH, kh, D, packed[kh]);
+  });
+  const float scale_log2e = static_cast<float>(scale) * 1.4426950408889634f;
+  const int64_t qblocks = (L + kQueriesPerItem - 1) / kQueriesPerItem;
+  at::parallel_for(0, KVH * qblocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> acc(kRows * D);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t kh = item / qblocks, i_begin = (item % qblocks) * kQueriesPerItem;
+      const int64_t i_end = std::min(L, i_begin + kQueriesPerItem);
+      const int64_t rows = (i_end - i_begin) * G;  // row r: query i_begin + r / G, head r % G
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const int T = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        const uint16_t* qrows[kRows];
+        int64_t pos[kRows];
+        float* orows[kRows];
+        for (int t = 0; t < T; ++t) {
+          const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
+          qrows[t] = qp + i * q.stride(0) + h * q.stride(1);
+          pos[t] = C - L + i;
+          orows[t] = acc.data() + t * D;
+        }
+        tile_dispatch(T, qrows, pos, D, packed[kh], scale_log2e, orows);
+        for (int t = 0; t < T; ++t) {
+          const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
+          at::BFloat16* o = op + (i * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = at::BFloat16(orows[t][d]);
+        }
+      }
+    }
+  });
+#endif
+  return out;
+}
