@@ -41,15 +41,13 @@ constexpr int64_t kQueriesPerItem = 16;
 
 #ifdef AGENTCPU_PREFILL_BF16
 
-// 2^x for x <= 0 (x = -inf -> 0), ~2e-7 relative error: 2^n by scalef, 2^f by a degree-6
-// polynomial on f in [-0.5, 0.5].
+// 2^x for x <= 0 (x = -inf -> 0): 2^n by scalef, 2^f by a degree-4 polynomial on f in
+// [-0.5, 0.5] (relative error ~4e-6; the result is rounded to bf16, 4e-3, right after).
 inline __m512 exp2_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
@@ -92,7 +90,7 @@ void pack_context(const uint16_t* k_cache, const uint16_t* v_cache, const int64_
 // the score product, which needs the registers), max and sum.
 struct RowState {
   float* o[kRows];
-  float m[kRows], l[kRows];
+  float m[kRows], l[kRows], corr[kRows];
 };
 
 // Scores of T rows against key block kb: s[t][j] = q_t . keys[kb*64 + 16 j + lane].
@@ -162,19 +160,18 @@ void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const Pa
       const float corr = std::exp2((st.m[t] - m_new) * scale_log2e);  // 0 at the first block
       st.l[t] = st.l[t] * corr + _mm512_reduce_add_ps(sum);
       st.m[t] = m_new;
-      if (corr != 1.f) {
-        const __m512 c = _mm512_set1_ps(corr);
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(st.o[t] + d, _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + d), c));
-      }
+      st.corr[t] = corr;
     }
     // O += P V over the block's 32 key pairs, 64 channels (4 zmm per row) at a time
     const uint16_t* vbase = pc.values.data() + first_key * 16;
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       __m512 o[kRows][4];
 #pragma GCC unroll 6
-      for (int t = 0; t < T; ++t)
+      for (int t = 0; t < T; ++t) {
+        const __m512 c = _mm512_set1_ps(st.corr[t]);  // rescaled to the new max on load
 #pragma GCC unroll 4
-        for (int d = 0; d < 4; ++d) o[t][d] = _mm512_loadu_ps(st.o[t] + c0 + 16 * d);
+        for (int d = 0; d < 4; ++d) o[t][d] = _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + c0 + 16 * d), c);
+      }
       const uint16_t* vgroup = vbase + (c0 / 16) * pc.padded * 16;
       for (int64_t kp = 0; kp < kKeyBlock / 2; ++kp) {
         __m512bh vv[4];
