@@ -55,13 +55,12 @@ class Sampler:
             # max().indices, not argmax: on bf16 rows of a 152k vocabulary argmax took
             # 0.71 ms against 0.18 ms here (2 threads); same first-index tie rule
             return [SampleResult(t, None, None) for t in logits.max(dim=-1).indices.tolist()]
-        raw = logits.float()
-        processed = raw.clone()
+        processed = logits.to(torch.float32, copy=True)
         _apply_masks(processed, rows)
-        _check_some_token_allowed(processed)
+        _check_some_token_allowed(processed, rows)
         _apply_penalties(processed, rows)
         token_ids = _choose_tokens(processed, rows)
-        return _results(raw, token_ids, rows)
+        return _results(logits, token_ids, rows)
 
 
 def _check_batch(logits: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -109,8 +108,14 @@ def _token_counts(id_lists: list[torch.Tensor], vocab: int) -> torch.Tensor:
 def _apply_masks(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     vocab = logits.shape[1]
     if any(len(row.banned_ids) for row in rows):
-        banned = _token_counts([_as_ids(row.banned_ids) for row in rows], vocab) > 0
-        logits.masked_fill_(banned, NEG_INF)
+        # by index, not a dense [rows, vocab] table: a banned EOS (min_tokens) is one id
+        banned = [_as_ids(row.banned_ids) for row in rows]
+        ids = torch.cat(banned)
+        if ids.min() < 0 or ids.max() >= vocab:
+            low, high = ids.min().item(), ids.max().item()
+            raise InvalidRequestError(f"token ids must be in [0, {vocab}), got {low}..{high}")
+        row_index = torch.repeat_interleave(torch.tensor([len(b) for b in banned]))
+        logits[row_index, ids] = NEG_INF
     masked = [i for i, row in enumerate(rows) if row.allowed_mask is not None]
     if masked:
         allowed = torch.stack([_checked_mask(rows[i].allowed_mask, vocab) for i in masked])
@@ -125,11 +130,16 @@ def _checked_mask(mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
     return mask
 
 
-def _check_some_token_allowed(logits: torch.Tensor) -> None:
-    empty = torch.isneginf(logits).all(dim=-1)
+def _check_some_token_allowed(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """Only rows with an allowed mask or bans can have lost every token: the check reads
+    those rows alone (a full [rows, vocab] pass is ~1 ms at 32 x 152k)."""
+    limited = [i for i, r in enumerate(rows) if r.allowed_mask is not None or len(r.banned_ids)]
+    if not limited:
+        return
+    empty = torch.isneginf(logits[torch.tensor(limited)]).all(dim=-1)
     if empty.any():
-        rows = empty.nonzero().flatten().tolist()
-        raise InvalidRequestError(f"no token is allowed for batch rows {rows}")
+        bad = [limited[i] for i in empty.nonzero().flatten().tolist()]
+        raise InvalidRequestError(f"no token is allowed for batch rows {bad}")
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -227,10 +237,11 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
 
 
 def _results(raw: torch.Tensor, token_ids: list[int], rows: list[SampleRow]) -> list[SampleResult]:
+    """`raw`: the logits as the model gave them (log-probabilities are of those)."""
     wanted = [row.params.logprobs for row in rows]
     if all(n is None for n in wanted):
         return [SampleResult(t, None, None) for t in token_ids]
-    logprobs = raw.log_softmax(dim=-1)
+    logprobs = raw.float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1).tolist()
     most = min(max(n or 0 for n in wanted), raw.shape[1])
     top_values, top_ids = logprobs.topk(most, dim=-1)

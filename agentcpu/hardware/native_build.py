@@ -58,9 +58,15 @@ def native_bf16_matmul() -> bool:
 
 
 def build_extension(
-    name: str, source: Path, declarations: str, functions: list[str]
+    name: str,
+    source: Path,
+    declarations: str,
+    functions: list[str],
+    prelude: tuple[Path, ...] = (),
 ) -> ModuleType | None:
-    """Compile `source` (cached per CPU) exposing `functions`; None where it cannot be."""
+    """Compile `source` (cached per CPU) exposing `functions`; None where it cannot be.
+    `prelude`: headers whose text goes before the source (not `#include`d: the build
+    cache keys on the source text, so a changed header must be part of it)."""
     if os.environ.get(DISABLE_ENV) == "0" or not avx2_kernels_supported():
         return None
     try:
@@ -68,7 +74,7 @@ def build_extension(
 
         return load_inline(
             name=f"agentcpu_{name}_{cpu_digest()}",
-            cpp_sources=[declarations, source.read_text()],
+            cpp_sources=[declarations, *(p.read_text() for p in prelude), source.read_text()],
             functions=functions,
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
@@ -80,14 +86,18 @@ def build_extension(
 
 
 def build_avx512_bf16_extension(
-    name: str, source: Path, declarations: str, functions: list[str]
+    name: str,
+    source: Path,
+    declarations: str,
+    functions: list[str],
+    prelude: tuple[Path, ...] = (),
 ) -> ModuleType | None:
     """`build_extension` for a source whose fast path needs AVX-512 BF16: None where the
     CPU lacks it or the build did not take that path (`functions[0]` is the source's
     `*_available()` probe)."""
     if not detect_cpu().avx512_bf16:
         return None
-    module = build_extension(name, source, declarations, functions)
+    module = build_extension(name, source, declarations, functions, prelude)
     if module is None or not getattr(module, functions[0])():
         return None
     return module

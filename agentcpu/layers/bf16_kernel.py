@@ -23,6 +23,7 @@ from types import ModuleType
 from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
 
 CSRC = Path(__file__).with_name("csrc")
+PACKED_TILE = CSRC / "bf16_packed_tile.h"  # the packed kernel's tile, shared with quant/
 DECLARATIONS = """
 at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);
@@ -53,11 +54,13 @@ def bf16_dot_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
-    return _avx512_bf16_extension("packed", PACKED_DECLARATIONS)
+    return _avx512_bf16_extension("packed", PACKED_DECLARATIONS, (PACKED_TILE,))
 
 
-def _avx512_bf16_extension(name: str, declarations: str) -> ModuleType | None:
+def _avx512_bf16_extension(
+    name: str, declarations: str, prelude: tuple[Path, ...] = ()
+) -> ModuleType | None:
     """`csrc/bf16_<name>_linear.cpp` where the CPU has AVX-512 BF16, else None."""
     functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
     source = CSRC / f"bf16_{name}_linear.cpp"
-    return build_avx512_bf16_extension(f"bf16_{name}", source, declarations, functions)
+    return build_avx512_bf16_extension(f"bf16_{name}", source, declarations, functions, prelude)

@@ -14,7 +14,17 @@ from agentcpu.hardware.native_build import build_extension, native_bf16_matmul
 __all__ = ["kernels", "native_bf16_matmul"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_kernels.cpp"
-FUNCTIONS = ["int8_linear_gemv", "int4_linear_gemv", "int8_linear_tiled", "int4_linear_tiled"]
+# the packed bf16 tile, for the batch path on AVX-512 BF16 (`layers/csrc`)
+PACKED_TILE = Path(__file__).parents[1] / "layers" / "csrc" / "bf16_packed_tile.h"
+FUNCTIONS = [
+    "int8_linear_gemv",
+    "int4_linear_gemv",
+    "int8_linear_tiled",
+    "int4_linear_tiled",
+    "quant_packed_available",
+    "int8_linear_packed",
+    "int4_linear_packed",
+]
 DECLARATIONS = """
 at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
     const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
@@ -25,10 +35,15 @@ at::Tensor int8_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
 at::Tensor int4_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
     const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
     bool bf16);
+bool quant_packed_available();
+at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
+    const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
+at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
+    const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias);
 """
 
 
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    return build_extension("quant", SOURCE, DECLARATIONS, FUNCTIONS)
+    return build_extension("quant", SOURCE, DECLARATIONS, FUNCTIONS, prelude=(PACKED_TILE,))

@@ -4,12 +4,16 @@ fallback where no kernel is built (see `kernels.py`).
 The GEMV kernel streams the quantized weights once per call and multiplies them with
 activations quantized to int8 per 32-block; it serves every batch size on CPUs without
 fast bf16 matmul (measured here on AVX2: it beats dequantize-then-fp32-GEMM up to batch
-32 and beyond). Where bf16 matmul is fast (AMX / AVX-512 BF16), batches of
-`TILED_MIN_TOKENS` rows or more dequantize tiles of weight rows to bf16 and multiply
-with oneDNN instead. docs/quantization.md has the measurements.
+32 and beyond). On AVX-512 BF16 CPUs, bf16 batches of `PACKED_MIN_TOKENS` rows or more
+dequantize 64 weight rows at a time into the packed bf16 layout and run the bf16 packed
+tile over them; elsewhere with fast bf16 matmul (AMX), batches of `TILED_MIN_TOKENS` rows
+or more dequantize tiles to bf16 and multiply with oneDNN. docs/quantization.md has the
+measurements.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,12 @@ from agentcpu.quant.formats import Int4Weight, Int8Weight, dequantize_int4, dequ
 from agentcpu.quant.kernels import kernels, native_bf16_matmul
 
 TILED_MIN_TOKENS = 16
+# From this many rows a bf16 batch on an AVX-512 BF16 CPU dequantizes into the packed
+# bf16 layout instead (docs/quantization.md): measured crossover with the GEMV at ~32
+# rows (gate_up int8: 2.73 vs 2.43 ms at 32, 6.37 vs 4.02 at 64, 12.1 vs 6.3 at 128;
+# below 32 the per-call dequantization, ~0.2 ns per weight on 2 threads, loses).
+PACKED_MIN_TOKENS = 32
+PACKED_BLOCK_ROWS = 16
 GEMV_INT8_ALIGN = 32  # the int8 GEMV kernel works on whole 32-blocks of in_features
 GEMV_INT4_ALIGN = 64  # the int4 GEMV kernel reads two 32-blocks per load
 
@@ -27,7 +37,26 @@ def _tokens(x: torch.Tensor) -> int:
 
 
 def _use_tiled(x: torch.Tensor) -> bool:
-    return native_bf16_matmul() and _tokens(x) >= TILED_MIN_TOKENS
+    """Dequantize + oneDNN for big batches where bf16 matmul is fast, except for bf16
+    batches on CPUs with the packed path (below its threshold the GEMV is faster than
+    oneDNN's tiles there: 2.7-3.0 vs 4.9 ms for gate_up at 32 rows)."""
+    if not native_bf16_matmul() or _tokens(x) < TILED_MIN_TOKENS:
+        return False
+    return not (packed_path() and x.dtype == torch.bfloat16)
+
+
+@functools.cache
+def packed_path() -> bool:
+    """Whether the kernels have the AVX-512 BF16 batch path (dequantize into the packed
+    bf16 layout, `layers/csrc/bf16_packed_tile.h`)."""
+    k = kernels()
+    return k is not None and k.quant_packed_available()
+
+
+def _use_packed(x: torch.Tensor, out_features: int, in_features: int) -> bool:
+    if x.dtype != torch.bfloat16 or _tokens(x) < PACKED_MIN_TOKENS or not packed_path():
+        return False
+    return out_features % PACKED_BLOCK_ROWS == 0 and in_features % 2 == 0
 
 
 def _bf16_tiles(x: torch.Tensor) -> bool:
@@ -43,6 +72,8 @@ def int8_linear(
     k = kernels()
     if k is None:
         return int8_linear_reference(x, qweight, scales, bias)
+    if _use_packed(x, qweight.shape[0], qweight.shape[1]):
+        return k.int8_linear_packed(x, qweight, scales, bias)
     group = qweight.shape[1] // scales.shape[1]
     if _use_tiled(x) or x.shape[-1] % GEMV_INT8_ALIGN or group % GEMV_INT8_ALIGN:
         return k.int8_linear_tiled(x, qweight, scales, bias, _bf16_tiles(x))
@@ -60,6 +91,8 @@ def int4_linear(
     k = kernels()
     if k is None:
         return int4_linear_reference(x, qweight, scales, offsets, bias)
+    if _use_packed(x, qweight.shape[0], qweight.shape[1] * 2):
+        return k.int4_linear_packed(x, qweight, scales, offsets, bias)
     if _use_tiled(x) or x.shape[-1] % GEMV_INT4_ALIGN:
         return k.int4_linear_tiled(x, qweight, scales, offsets, bias, _bf16_tiles(x))
     return k.int4_linear_gemv(x, qweight, scales, offsets, bias)

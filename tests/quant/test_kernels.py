@@ -173,3 +173,65 @@ def test_gemv_reads_strided_and_half_inputs():
         tol = _activation_bound(ref_x, formats.dequantize_int8(q)) + 2e-3
         ref = F.linear(ref_x, formats.dequantize_int8(q), b)
         assert ((out.float() - ref).abs() <= tol).all()
+
+
+needs_packed = pytest.mark.skipif(not ops.packed_path(), reason="no AVX-512 BF16 batch path here")
+
+
+def _assert_close_bf16_weights(out, x, w_deq, bias):
+    """The packed path multiplies bf16-rounded dequantized weights (2^-9 relative each)
+    with the bf16 activations in fp32, then rounds the output to bf16."""
+    ref = F.linear(x.float(), w_deq, None if bias is None else bias.float())
+    tol = 2.0**-8 * (x.float().abs() @ w_deq.abs().T) + BF16_REL * ref.abs() + 1e-6
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    excess = ((out.float() - ref).abs() - tol).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess}"
+
+
+@needs_packed
+@pytest.mark.parametrize("batch", [1, 8, 17, 130])
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_packed(batch, group):
+    """80 rows: one 64-row tile and a 16-row remainder; 130 tokens: two panels."""
+    w, x, b = _data(batch, n=80, dtype=torch.bfloat16)
+    q = formats.quantize_int8(w, group)
+    out = kernels().int8_linear_packed(x, q.qweight, q.scales, b)
+    _assert_close_bf16_weights(out, x, formats.dequantize_int8(q), b)
+
+
+@needs_packed
+@pytest.mark.parametrize("batch", [8, 17])
+@pytest.mark.parametrize("group", formats.INT4_GROUP_SIZES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_packed(batch, group, symmetric):
+    w, x, b = _data(batch, n=80, dtype=torch.bfloat16)
+    q = formats.quantize_int4(w, group, symmetric)
+    out = kernels().int4_linear_packed(x, q.qweight, q.scales, q.offsets, b)
+    _assert_close_bf16_weights(out, x, formats.dequantize_int4(q), b)
+
+
+@needs_packed
+def test_bf16_batches_take_the_packed_path(monkeypatch):
+    calls = []
+    real = kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            return lambda *args: calls.append((name, args[0].shape[0])) or fn(*args)
+
+    monkeypatch.setattr(ops, "kernels", lambda: Spy())
+    w, _, b = _data(1, n=80)
+    q = formats.quantize_int8(w)
+    for batch, dtype in [
+        (ops.PACKED_MIN_TOKENS - 1, torch.bfloat16),
+        (ops.PACKED_MIN_TOKENS, torch.bfloat16),
+        (32, torch.float32),
+    ]:
+        x = torch.randn(batch, 256).to(dtype)
+        ops.int8_linear(x, q.qweight, q.scales, b.to(dtype))
+    assert [name for name, _ in calls] == [
+        "int8_linear_gemv",
+        "int8_linear_packed",
+        "int8_linear_tiled",
+    ]

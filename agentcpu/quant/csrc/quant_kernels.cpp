@@ -493,3 +493,111 @@ at::Tensor int4_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
   });
   return finish(out, x, bias);
 }
+
+// ---- batches on AVX-512 BF16: dequantize 64 rows at a time into the packed bf16 layout
+// of `layers/csrc/bf16_packed_tile.h` (prepended to this source by native_build) and run
+// its tile over every token: the batch then costs what a bf16 batch costs, plus one
+// dequantization of the weights per call (docs/quantization.md).
+
+namespace {
+
+#ifdef AGENTCPU_PACKED_BF16
+
+// fp32 rows [16][K] -> one packed block [K / 2][16][2] bf16: for each k pair, the 16 rows'
+// pairs are gathered as 64-bit lanes and rounded to bf16 together.
+void pack_block(const float* rows, int64_t K, uint16_t* dst) {
+  const int64_t pairs = K / 2;
+  const __m512i lo = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(pairs));
+  const __m512i hi = _mm512_add_epi64(lo, _mm512_set1_epi64(8 * pairs));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512i step = _mm512_set1_epi64(p);
+    const __m512d a = _mm512_i64gather_pd(_mm512_add_epi64(lo, step), rows, 8);
+    const __m512d b = _mm512_i64gather_pd(_mm512_add_epi64(hi, step), rows, 8);
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_castpd_ps(b), _mm512_castpd_ps(a));
+    _mm512_storeu_si512(dst + p * 32, reinterpret_cast<__m512i>(v));
+  }
+}
+
+// Dequant(r0, rows, dst): weight rows [r0, r0 + rows) as fp32 [rows][K].
+template <typename Dequant>
+at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias,
+                         Dequant dequant) {
+  using namespace agentcpu_packed;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
+  TORCH_CHECK(N % kBlockRows == 0 && K % 2 == 0, "packed path needs N % 16 == 0 and even K, got N=", N,
+              " K=", K);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor out = at::empty({M, N}, x2.options());
+  at::Tensor bias_f;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    bp = bias_f.data_ptr<float>();
+  }
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t tile_rows = kBlocksPerTile * kBlockRows;
+  const int64_t tasks = (N + tile_rows - 1) / tile_rows;
+  if (M > 0) {
+    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> rows(tile_rows * K);
+      std::vector<uint16_t> packed(tile_rows * K);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r0 = i * tile_rows, nb = std::min(tile_rows, N - r0) / kBlockRows;
+        dequant(r0, nb * kBlockRows, rows.data());
+        for (int64_t b = 0; b < nb; ++b) pack_block(rows.data() + b * kBlockRows * K, K, packed.data() + b * kBlockRows * K);
+        blocks_range(packed.data(), K, xp, M, op + r0, N, bp != nullptr ? bp + r0 : nullptr, 0, nb);
+      }
+    });
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.reshape(shape);
+}
+
+#endif  // AGENTCPU_PACKED_BF16
+
+}  // namespace
+
+// Whether this build has the packed batch path (AVX-512 BF16).
+bool quant_packed_available() {
+#ifdef AGENTCPU_PACKED_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(quant_packed_available(), "this build has no AVX-512 BF16 path");
+  const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1);
+  check_x(x, K, 1);
+  at::Tensor out;
+#ifdef AGENTCPU_PACKED_BF16
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  out = packed_matmul(x, N, K, bias, [&](int64_t r0, int64_t nr, float* dst) {
+    dequant_int8_rows(wp + r0 * K, sp + r0 * G, K, G, nr, dst);
+  });
+#endif
+  return out;
+}
+
+at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& offsets, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(quant_packed_available(), "this build has no AVX-512 BF16 path");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
+  check_x(x, K, kBlock);
+  at::Tensor out;
+#ifdef AGENTCPU_PACKED_BF16
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = offsets.data_ptr<at::Half>();
+  out = packed_matmul(x, N, K, bias, [&](int64_t r0, int64_t nr, float* dst) {
+    dequant_int4_rows(wp + r0 * K / 2, sp + r0 * G, mp + r0 * G, K, G, nr, dst);
+  });
+#endif
+  return out;
+}
