@@ -245,6 +245,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   const auto* vc = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
   const int64_t* sp = sl.data_ptr<int64_t>();
   auto* op = out.data_ptr<at::BFloat16>();
+  pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
   std::vector<PackedContext> packed(KVH);
   at::parallel_for(0, KVH, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t kh = h0; kh < h1; ++kh) pack_context(kc, vc, sp, C, KVH, kh, D, packed[kh]);
