@@ -44,12 +44,18 @@ class PackedLinear(nn.Module):
     """A bf16 `Linear` in packed layout: same `forward(x)`, `in_features`,
     `out_features`, `bias`."""
 
-    def __init__(self, layer: Linear):
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("packed", pack_weight(layer.weight.data))
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.data)
+        blocks, pairs = packed.shape[:2]
+        self.in_features, self.out_features = pairs * 2, blocks * BLOCK_ROWS
+        self.register_buffer("packed", packed)
+        self.register_buffer("bias", bias)
         self.kernel = bf16_packed_kernel()
+
+    @classmethod
+    def from_linear(cls, layer: Linear) -> PackedLinear:
+        bias = None if layer.bias is None else layer.bias.data
+        return cls(pack_weight(layer.weight.data), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -66,8 +72,28 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedEmbedding(nn.Module):
+    """The token embedding of a tied model, read from the packed LM head: one table
+    serves the row lookup (a gather of one row's k pairs, 64 bytes apart) and the head's
+    kernel."""
+
+    def __init__(self, packed: torch.Tensor):
+        super().__init__()
+        self.register_buffer("packed", packed)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The [vocab, hidden] table, unpacked (a copy)."""
+        return unpack_weight(self.packed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.packed[ids // BLOCK_ROWS, :, ids % BLOCK_ROWS, :]  # [..., K/2, 2]
+        return rows.reshape(*ids.shape, -1)
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Swap every packable `Linear` in `model` (in place); returns how many."""
+    """Swap every packable `Linear` in `model` (in place), and a tied LM head; returns
+    how many layers were packed."""
     if bf16_packed_kernel() is None:
         return 0
     swaps = [
@@ -77,5 +103,23 @@ def pack_linears(model: nn.Module) -> int:
         if packable(child)
     ]
     for parent, name, child in swaps:  # one at a time: each plain weight is freed as we go
-        setattr(parent, name, PackedLinear(child))
-    return len(swaps)
+        setattr(parent, name, PackedLinear.from_linear(child))
+    return len(swaps) + _pack_tied_head(model)
+
+
+def _pack_tied_head(model: nn.Module) -> int:
+    """A tied model computes logits with its embedding table (`lm_head is None`): at 32
+    streams that product is ~28 % of a Qwen2.5-0.5B decode step, and on the in-place
+    kernel it ran at ~300 GFLOPS against the packed kernel's ~370. The table is packed
+    once and shared: `lm_head` becomes a `PackedLinear` over it and the embedding a
+    `PackedEmbedding` over the same tensor (no second copy)."""
+    if getattr(model, "lm_head", False) is not None or not hasattr(model, "model"):
+        return 0
+    table = model.model.embed_tokens.weight
+    vocab, hidden = table.shape
+    if table.dtype != torch.bfloat16 or vocab % BLOCK_ROWS or hidden % 2:
+        return 0
+    packed = pack_weight(table.data)
+    model.model.embed_tokens = PackedEmbedding(packed)
+    model.lm_head = PackedLinear(packed, None)
+    return 1

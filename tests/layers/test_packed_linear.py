@@ -8,12 +8,14 @@ import torch.nn.functional as F
 from agentcpu.layers.bf16_kernel import bf16_packed_kernel
 from agentcpu.layers.linear import Linear
 from agentcpu.layers.packed_linear import (
+    PackedEmbedding,
     PackedLinear,
     pack_linears,
     pack_weight,
     packable,
     unpack_weight,
 )
+from agentcpu.models import loading
 from agentcpu.quant import apply_quant
 from agentcpu.quant.modules import Int8Linear
 from tests.engine.helpers import make_engine
@@ -89,7 +91,7 @@ def test_kernel_rejects_what_it_cannot_multiply():
 @needs_packed
 def test_module_keeps_the_layer_contract():
     layer = _linear(48, 64, True)
-    packed = PackedLinear(layer)
+    packed = PackedLinear.from_linear(layer)
     assert (packed.in_features, packed.out_features) == (64, 48)
     assert torch.equal(packed.weight, layer.weight.data) and torch.equal(
         packed.bias, layer.bias.data
@@ -101,27 +103,39 @@ def test_module_keeps_the_layer_contract():
 
 
 @needs_packed
-def test_loaded_bf16_model_is_packed_and_agrees_with_the_plain_one(checkpoint_dir):
-    path = checkpoint_dir("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_loaded_bf16_model_is_packed_and_agrees_with_the_plain_one(
+    checkpoint_dir, monkeypatch, family
+):
+    """qwen2's tiny checkpoint has its own LM head, llama's is tied to the embedding."""
+    path = checkpoint_dir(family)
     engine = make_engine(path, dtype="bfloat16")
+    monkeypatch.setattr(loading, "pack_linears", lambda model: 0)
     plain = make_engine(path, dtype="bfloat16")
-    for name, module in list(plain.model.named_modules()):
-        if isinstance(module, PackedLinear):  # undo the swap: the same weights, plain
-            parent, _, leaf = name.rpartition(".")
-            layer = Linear(
-                module.in_features, module.out_features, module.bias is not None, torch.bfloat16
-            )
-            layer.weight.data.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.data.copy_(module.bias)
-            setattr(plain.model.get_submodule(parent), leaf, layer)
+    layers = engine.config.model_config.num_layers
     packed_layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
-    assert len(packed_layers) >= 4 * engine.config.model_config.num_layers  # + an untied head
+    assert len(packed_layers) == 4 * layers + 1  # + the LM head, own or tied
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     prompt = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     ours, theirs = engine.prompt_logits(prompt), plain.prompt_logits(prompt)
     agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     assert agree >= 0.97, f"top-1 agreement packed vs plain {agree:.3f}"
+
+
+@needs_packed
+def test_a_tied_head_shares_the_embedding_table(checkpoint_dir, monkeypatch):
+    path = checkpoint_dir("llama")
+    engine = make_engine(path, dtype="bfloat16")
+    monkeypatch.setattr(loading, "pack_linears", lambda model: 0)
+    plain = make_engine(path, dtype="bfloat16")
+    assert plain.model.lm_head is None  # the checkpoint is tied
+    embedding, head = engine.model.model.embed_tokens, engine.model.lm_head
+    assert isinstance(embedding, PackedEmbedding) and isinstance(head, PackedLinear)
+    assert embedding.packed.data_ptr() == head.packed.data_ptr()  # one table, not two
+    table = plain.model.model.embed_tokens.weight
+    assert torch.equal(embedding.weight, table)
+    ids = torch.tensor([[0, 17, 511], [255, 16, 15]])
+    assert torch.equal(embedding(ids), table[ids])
 
 
 @needs_packed
