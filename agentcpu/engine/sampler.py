@@ -131,9 +131,13 @@ def _checked_mask(mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
 
 
 def _check_some_token_allowed(logits: torch.Tensor, rows: list[SampleRow]) -> None:
-    """Only rows with an allowed mask or bans can have lost every token: the check reads
-    those rows alone (a full [rows, vocab] pass is ~1 ms at 32 x 152k)."""
-    limited = [i for i, r in enumerate(rows) if r.allowed_mask is not None or len(r.banned_ids)]
+    """Only a row with an allowed mask, or with at least a vocabulary's worth of bans, can
+    have lost every token: the check reads those rows alone (a full [rows, vocab] pass
+    is ~1 ms at 32 x 152k; `min_tokens` bans EOS on every row)."""
+    vocab = logits.shape[1]
+    limited = [
+        i for i, r in enumerate(rows) if r.allowed_mask is not None or len(r.banned_ids) >= vocab
+    ]
     if not limited:
         return
     empty = torch.isneginf(logits[torch.tensor(limited)]).all(dim=-1)

@@ -66,8 +66,10 @@ def test_int8_gemv(batch, dtype, group):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", formats.INT4_GROUP_SIZES)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_gemv(batch, dtype, group, symmetric):
-    w, x, b = _data(batch, dtype=dtype)
+@pytest.mark.parametrize("k", [256, 640])
+def test_int4_gemv(batch, dtype, group, symmetric, k):
+    """640 in_features at group 32: 20 offsets, a 16-wide step and a tail."""
+    w, x, b = _data(batch, k=k, dtype=dtype)
     q = formats.quantize_int4(w, group, symmetric)
     out = kernels().int4_linear_gemv(x, q.qweight, q.scales, q.offsets, b)
     _assert_close(out, x, formats.dequantize_int4(q), b, quantized_acts=True)
@@ -147,6 +149,14 @@ def test_odd_in_features_use_a_correct_path():
         b,
         quantized_acts=False,
     )
+
+
+def test_int4_in_features_off_the_gemv_step_use_a_correct_path():
+    """192 in_features: a multiple of 64, not of the AVX-512 GEMV's 128-weight step."""
+    w, x, b = _data(2, k=192)
+    q = formats.quantize_int4(w, 64)
+    out = ops.int4_linear(x, q.qweight, q.scales, q.offsets, b)
+    _assert_close(out, x, formats.dequantize_int4(q), b, quantized_acts=True)
 
 
 def test_modules_work_without_compiled_kernels(monkeypatch):
