@@ -37,6 +37,13 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, double scale);
 """
 PREFILL_HEAD_DIMS = (64, 128)
+DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_attention_bf16.cpp"
+DECODE_DECLARATIONS = """
+bool decode_attention_bf16_available();
+at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
+"""
+DECODE_MAX_GROUP = 8  # query heads per KV head the bf16 decode kernel takes
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -54,6 +61,18 @@ def prefill_attention_kernel() -> ModuleType | None:
         PREFILL_SOURCE,
         PREFILL_DECLARATIONS,
         ["prefill_attention_available", "prefill_attention"],
+    )
+
+
+@functools.cache
+def decode_attention_kernel() -> ModuleType | None:
+    """bf16 decode attention with VDPBF16PS (`csrc/decode_attention_bf16.cpp`), where
+    the CPU has AVX-512 BF16; else None."""
+    return build_avx512_bf16_extension(
+        "decode_attention_bf16",
+        DECODE_SOURCE,
+        DECODE_DECLARATIONS,
+        ["decode_attention_bf16_available", "decode_attention_bf16"],
     )
 
 

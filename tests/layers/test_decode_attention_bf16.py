@@ -1,0 +1,83 @@
+"""The AVX-512 BF16 decode attention matches an fp32 reference over padded, scattered
+slots, and `paged_attention` uses it for bf16 decode rows where it applies."""
+
+import pytest
+import torch
+
+from agentcpu.layers import attention
+from agentcpu.layers.attention import AttentionMetadata, paged_attention
+from agentcpu.layers.fused_ops import decode_attention_kernel, fused
+from tests.layers.test_fused_ops import _reference_decode
+
+needs_kernel = pytest.mark.skipif(
+    decode_attention_kernel() is None, reason="CPU without AVX-512 BF16"
+)
+
+
+def _case(heads, kv_heads, dim, lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = max(lens) * len(lens) + 16
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).bfloat16()
+    slots = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        slots[b, :n] = torch.randperm(num_slots, generator=gen)[:n]
+    q = torch.randn(len(lens), heads, dim, generator=gen).bfloat16()
+    return q, k_cache, v_cache, slots, torch.tensor(lens)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim",
+    [(4, 4, 64), (14, 2, 64), (32, 8, 64), (16, 8, 128), (8, 1, 64), (6, 2, 96)],
+)
+def test_matches_fp32_reference(heads, kv_heads, dim):
+    """1-8 query heads per KV head (14/2 is Qwen2.5-0.5B, 32/8 Llama-3.2-1B), head_dim
+    64 / 96 / 128; lengths 1 (a single key), 17 (a 16-key group and one more, odd: the
+    value pass's last pair is half empty) and 120."""
+    q, k_cache, v_cache, slots, lens = _case(heads, kv_heads, dim, [1, 17, 120])
+    got = decode_attention_kernel().decode_attention_bf16(
+        q, k_cache, v_cache, slots, lens, dim**-0.5
+    )
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    # probabilities rounded to bf16 before the value product, as flash attention does
+    assert (got.float() - ref).abs().max().item() < 0.02
+
+
+@needs_kernel
+def test_rejects_what_it_cannot_run():
+    kernel = decode_attention_kernel()
+    q, k_cache, v_cache, slots, lens = _case(4, 1, 64, [5])
+    with pytest.raises(RuntimeError, match="at most 8"):
+        q16 = torch.randn(1, 16, 64).bfloat16()
+        kernel.decode_attention_bf16(q16, k_cache, v_cache, slots, lens, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cut = [t[..., :48].contiguous() for t in (q, k_cache, v_cache)]
+        kernel.decode_attention_bf16(*cut, slots, lens, 1.0)
+    with pytest.raises(RuntimeError, match="context length"):
+        kernel.decode_attention_bf16(q, k_cache, v_cache, slots, torch.tensor([6]), 1.0)
+
+
+@needs_kernel
+def test_paged_attention_uses_it_and_agrees_with_the_avx2_kernel(monkeypatch):
+    heads, kv_heads, dim = 14, 2, 64
+    q, k_cache, v_cache, slots, lens = _case(heads, kv_heads, dim, [3, 40, 70], seed=1)
+    new = torch.tensor([slots[b, n - 1].item() for b, n in enumerate(lens.tolist())])
+    k, v = k_cache[new].clone(), v_cache[new].clone()
+    meta = AttentionMetadata(slot_mapping=new, num_decode=3, decode_slots=slots, decode_lens=lens)
+    calls = []
+    real = decode_attention_kernel()
+
+    class Spy:
+        def decode_attention_bf16(self, *args):
+            calls.append(args[0].shape[0])
+            return real.decode_attention_bf16(*args)
+
+    monkeypatch.setattr(attention, "decode_attention_kernel", lambda: Spy())
+    ours = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, dim**-0.5)
+    assert calls == [3]
+    if fused() is not None:
+        monkeypatch.setattr(attention, "decode_attention_kernel", lambda: None)
+        avx2 = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, dim**-0.5)
+        assert (ours.float() - avx2.float()).abs().max().item() < 0.02
