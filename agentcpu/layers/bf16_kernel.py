@@ -23,7 +23,7 @@ from types import ModuleType
 from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
 
 CSRC = Path(__file__).with_name("csrc")
-PACKED_TILE = CSRC / "bf16_packed_tile.h"  # the packed kernel's tile, shared with quant/
+PACKED_TILE = CSRC / "bf16_packed_tile.h"  # shared entry + packed tile (also for quant/)
 DECLARATIONS = """
 at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);
@@ -49,7 +49,7 @@ def bf16_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_dot_kernel() -> ModuleType | None:
-    return _avx512_bf16_extension("dot", DOT_DECLARATIONS)
+    return _avx512_bf16_extension("dot", DOT_DECLARATIONS, (PACKED_TILE,))
 
 
 @functools.cache

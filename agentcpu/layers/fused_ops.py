@@ -30,6 +30,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
 """
 FUNCTIONS = ["rms_norm", "rope_inplace", "silu_mul", "decode_attention"]
+ATTENTION_COMMON = Path(__file__).with_name("csrc") / "bf16_attention_common.h"
 PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 PREFILL_DECLARATIONS = """
 bool prefill_attention_available();
@@ -61,6 +62,7 @@ def prefill_attention_kernel() -> ModuleType | None:
         PREFILL_SOURCE,
         PREFILL_DECLARATIONS,
         ["prefill_attention_available", "prefill_attention"],
+        (ATTENTION_COMMON,),
     )
 
 
@@ -73,6 +75,7 @@ def decode_attention_kernel() -> ModuleType | None:
         DECODE_SOURCE,
         DECODE_DECLARATIONS,
         ["decode_attention_bf16_available", "decode_attention_bf16"],
+        (ATTENTION_COMMON,),
     )
 
 

@@ -14,6 +14,7 @@
 // 1.8 KB at K = 896 — and the hardware prefetchers alone ramp up too late). At the end
 // the R accumulators of a token are reduced together into R adjacent outputs, the bias is
 // added in fp32 and the row is rounded to bf16 once.
+// `linear_io` comes from `bf16_packed_tile.h`, which `hardware.native_build` puts first.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,6 +24,10 @@
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define AGENTCPU_DOT_BF16 1
 #endif
+
+using agentcpu_packed::in_x_shape;
+using agentcpu_packed::linear_io;
+using agentcpu_packed::LinearIO;
 
 namespace {
 
@@ -174,23 +179,14 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(bf16_dot_available(), "this build has no AVX-512 BF16 path");
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
               "weight must be a contiguous 2-D bf16 tensor");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor out = at::empty({M, N}, x2.options());
+  LinearIO io = linear_io(x, K, N, bias);
+  const int64_t M = io.M;
 #ifdef AGENTCPU_DOT_BF16
-  at::Tensor bias_f;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
-    bias_f = bias->to(at::kFloat).contiguous();
-    bp = bias_f.data_ptr<float>();
-  }
+  const float* bp = io.bias;
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   // tiny products run on the calling thread: an OpenMP region costs ~10 us
   const int64_t task_macs = kRowsPerTask * K * std::max<int64_t>(M, 1);
@@ -204,7 +200,5 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& weight, const 
     });
   }
 #endif
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.reshape(shape);
+  return in_x_shape(io.out, x);
 }

@@ -38,23 +38,14 @@ at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kBlockRows &&
                   packed.size(3) == 2 && packed.is_contiguous(),
               "packed weight must be a contiguous bf16 [N/16, K/2, 16, 2] tensor");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
   const int64_t N = packed.size(0) * kBlockRows, K = packed.size(1) * 2;
-  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor out = at::empty({M, N}, x2.options());
+  LinearIO io = linear_io(x, K, N, bias);
+  const int64_t M = io.M;
 #ifdef AGENTCPU_PACKED_BF16
-  at::Tensor bias_f;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
-    bias_f = bias->to(at::kFloat).contiguous();
-    bp = bias_f.data_ptr<float>();
-  }
+  const float* bp = io.bias;
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t blocks = N / kBlockRows;
   const int64_t tasks = (blocks + kBlocksPerTile - 1) / kBlocksPerTile;
   // tiny products run on the calling thread: an OpenMP region costs ~10 us
@@ -67,7 +58,5 @@ at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
     });
   }
 #endif
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.reshape(shape);
+  return in_x_shape(io.out, x);
 }

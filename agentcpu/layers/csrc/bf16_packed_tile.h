@@ -1,7 +1,8 @@
-// The tile of the packed bf16 linear, shared by `bf16_packed_linear.cpp` and the
+// What the bf16 linear kernels share: their entry (`linear_io`) and the tile of the packed
+// layout, used by `bf16_packed_linear.cpp`, `bf16_dot_linear.cpp` (the entry only) and the
 // quantized kernels' batched path (`quant/csrc/quant_kernels.cpp`, which dequantizes 64
 // weight rows at a time into this layout). `hardware.native_build` puts this text before
-// each of those sources (`prelude`), so a change here rebuilds both.
+// each of those sources (`prelude`), so a change here rebuilds them all.
 //
 // Packed layout: [N / 16][K / 2][16 rows][2 k] bf16, the operand layout of VDPBF16PS:
 // one 64-byte line holds 2 k values of 16 weight rows, and a 16-row block is one
@@ -11,12 +12,43 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define AGENTCPU_PACKED_BF16 1
 #endif
 
 namespace agentcpu_packed {
+
+// The common entry of the bf16 linear kernels: x as contiguous [M, K] rows, the bf16
+// output [M, N], and the bias in fp32 (null without one), checked against N.
+struct LinearIO {
+  at::Tensor x2, out, bias_f;
+  const float* bias = nullptr;
+  int64_t M = 0;
+};
+
+inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
+  LinearIO io;
+  io.x2 = x.reshape({-1, K}).contiguous();
+  io.M = io.x2.size(0);
+  io.out = at::empty({io.M, N}, io.x2.options());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
+    io.bias_f = bias->to(at::kFloat).contiguous();
+    io.bias = io.bias_f.data_ptr<float>();
+  }
+  return io;
+}
+
+// The output in x's leading shape.
+inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);
+  return out.reshape(shape);
+}
 
 
 constexpr int64_t kBlockRows = 16;   // rows per packed block (one zmm of outputs)

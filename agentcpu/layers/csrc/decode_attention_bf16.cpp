@@ -14,6 +14,7 @@
 //   of 2 keys", times the broadcast pair of their probabilities (rounded to bf16, as
 //   flash attention does), into 16 channel lanes per head.
 // The softmax runs over the scores of all keys in fp32 between the two passes.
+// `bf16_attention_common.h` comes first (native_build's prelude).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -24,18 +25,14 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define AGENTCPU_DECODE_BF16 1
-#endif
+using namespace agentcpu_attention;
 
 namespace {
 
 constexpr int kMaxGroup = 8;  // query heads per KV head handled here (else the AVX2 kernel)
 constexpr int kKeys = 16;     // keys per score vector
 
-#ifdef AGENTCPU_DECODE_BF16
-
-inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+#ifdef AGENTCPU_ATTENTION_BF16
 
 // 16 x 16 32-bit transpose in place: r[i] lane j <-> r[j] lane i.
 inline void transpose16(__m512i (&r)[16]) {
@@ -64,19 +61,6 @@ inline void transpose16(__m512i (&r)[16]) {
     r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
     r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
   }
-}
-
-// 2^x for x <= 0 (x = -inf -> 0), degree-4 polynomial: the result is rounded to bf16.
-inline __m512 exp2_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline void prefetch_row(const uint16_t* row, int64_t D) {
@@ -117,11 +101,8 @@ void decode_item(const uint16_t* q, int64_t q_head, const uint16_t* kc, const ui
       for (int i = 0; i < kKeys; ++i) lines[i] = _mm512_loadu_si512(rows[i] + d0);
       transpose16(lines);  // lines[p]: pair p of the 16 keys
       for (int p = 0; p < 16; ++p)
-        for (int g = 0; g < G; ++g) {
-          int32_t pair;
-          std::memcpy(&pair, q + g * q_head + d0 + 2 * p, sizeof(pair));
-          s[g] = _mm512_dpbf16_ps(s[g], bh(lines[p]), bh(_mm512_set1_epi32(pair)));
-        }
+        for (int g = 0; g < G; ++g)
+          s[g] = _mm512_dpbf16_ps(s[g], bh(lines[p]), broadcast_pair(q + g * q_head + d0 + 2 * p));
     }
     const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1);
     for (int g = 0; g < G; ++g)
@@ -164,9 +145,8 @@ void decode_item(const uint16_t* q, int64_t q_head, const uint16_t* kc, const ui
       const __m512bh lo = bh(_mm512_permutex2var_epi16(a, lo_idx, b));
       const __m512bh hi = bh(_mm512_permutex2var_epi16(a, hi_idx, b));
       for (int g = 0; g < G; ++g) {
-        int32_t pair;  // p[g, l], p[g, l + 1] (0 past the end: the probs row is padded)
-        std::memcpy(&pair, sc.probs.data() + g * Lp + l, sizeof(pair));
-        const __m512bh pv = bh(_mm512_set1_epi32(pair));
+        // p[g, l], p[g, l + 1] (0 past the end: the probs row is padded)
+        const __m512bh pv = broadcast_pair(sc.probs.data() + g * Lp + l);
         o_lo[g] = _mm512_dpbf16_ps(o_lo[g], lo, pv);
         o_hi[g] = _mm512_dpbf16_ps(o_hi[g], hi, pv);
       }
@@ -199,33 +179,22 @@ ItemFn item_for(int64_t G) {
   }
 }
 
-#endif  // AGENTCPU_DECODE_BF16
+#endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace
 
 // Whether this build has the AVX-512 BF16 path.
-bool decode_attention_bf16_available() {
-#ifdef AGENTCPU_DECODE_BF16
-  return true;
-#else
-  return false;
-#endif
-}
+bool decode_attention_bf16_available() { return built_with_avx512_bf16(); }
 
 // q [B, H, D] bf16 (last dim contiguous); caches [S, KVH, D] bf16 contiguous; slots int64
 // [B, L] (padded); lens int64 [B] (1 <= len <= L). D a multiple of 32 up to 512, at most
 // 8 query heads per KV head. Returns [B, H, D].
 at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& slots, const at::Tensor& lens, double scale) {
-  TORCH_CHECK(decode_attention_bf16_available(), "this build has no AVX-512 BF16 path");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16,
-              "q and the KV cache must be bf16");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with a contiguous last dim");
+  check_q_and_cache(q, k_cache, v_cache);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
-  TORCH_CHECK(D % 32 == 0 && D <= 512 && k_cache.size(2) == D, "head_dim must be a multiple of 32 up to 512");
-  TORCH_CHECK(H % KVH == 0 && H / KVH <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
+  TORCH_CHECK(D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512");
+  TORCH_CHECK(H / KVH <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 slots/lens");
   TORCH_CHECK(slots.size(0) == B && lens.numel() == B, "one slot row per sequence");
   const at::Tensor sl = slots.contiguous(), ln = lens.contiguous();
@@ -235,7 +204,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
     TORCH_CHECK(len >= 1 && len <= L, "sequence ", b, " has context length ", len);
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
-#ifdef AGENTCPU_DECODE_BF16
+#ifdef AGENTCPU_ATTENTION_BF16
   pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
   const int64_t G = H / KVH;
   const ItemFn fn = item_for(G);

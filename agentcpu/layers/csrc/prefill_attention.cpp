@@ -19,6 +19,7 @@
 //   (a broadcast pair of probabilities against a line of 16 channels), O rescaled when
 //   the max moves.
 // Key blocks past a tile's last position are skipped; the block holding it is masked.
+// `bf16_attention_common.h` comes first (native_build's prelude).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,9 +30,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define AGENTCPU_PREFILL_BF16 1
-#endif
+using namespace agentcpu_attention;
 
 namespace {
 
@@ -39,29 +38,7 @@ constexpr int64_t kKeyBlock = 64;  // keys per block: 4 zmm of scores per row
 constexpr int kRows = 6;           // query rows per tile
 constexpr int64_t kQueriesPerItem = 16;
 
-#ifdef AGENTCPU_PREFILL_BF16
-
-// 2^x for x <= 0 (x = -inf -> 0): 2^n by scalef, 2^f by a degree-4 polynomial on f in
-// [-0.5, 0.5] (relative error ~4e-6; the result is rounded to bf16, 4e-3, right after).
-inline __m512 exp2_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-inline __m512bh broadcast_pair(const uint16_t* p) {
-  int32_t pair;
-  std::memcpy(&pair, p, sizeof(pair));
-  return bh(_mm512_set1_epi32(pair));
-}
+#ifdef AGENTCPU_ATTENTION_BF16
 
 // One KV head's context, packed for the two products (see the header).
 struct PackedContext {
@@ -208,37 +185,25 @@ void tile_dispatch(int T, const uint16_t* const* q, const int64_t* pos, int64_t 
   }
 }
 
-#endif  // AGENTCPU_PREFILL_BF16
+#endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace
 
 // Whether this build has the AVX-512 BF16 path.
-bool prefill_attention_available() {
-#ifdef AGENTCPU_PREFILL_BF16
-  return true;
-#else
-  return false;
-#endif
-}
+bool prefill_attention_available() { return built_with_avx512_bf16(); }
 
 // q [L, H, D] bf16 (last dim contiguous); caches [S, KVH, D] bf16 contiguous; slots int64
 // [C] (C >= L: the context, chunk included, in order). D must be 64 or 128.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& slots, double scale) {
-  TORCH_CHECK(prefill_attention_available(), "this build has no AVX-512 BF16 path");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
-                  v_cache.scalar_type() == at::kBFloat16,
-              "q and the KV cache must be bf16");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [L, H, D] with a contiguous last dim");
+  check_q_and_cache(q, k_cache, v_cache);
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0, "head_dim mismatch or heads not a multiple of KV heads");
   const at::Tensor sl = slots.to(at::kLong).contiguous();
   const int64_t C = sl.numel();
   TORCH_CHECK(C >= L && L >= 1, "context (", C, " slots) must hold the chunk (", L, " queries)");
   at::Tensor out = at::empty({L, H, D}, q.options());
-#ifdef AGENTCPU_PREFILL_BF16
+#ifdef AGENTCPU_ATTENTION_BF16
   const int64_t G = H / KVH;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* kc = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());

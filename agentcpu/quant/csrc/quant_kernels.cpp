@@ -523,20 +523,13 @@ template <typename Dequant>
 at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias,
                          Dequant dequant) {
   using namespace agentcpu_packed;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
   TORCH_CHECK(N % kBlockRows == 0 && K % 2 == 0, "packed path needs N % 16 == 0 and even K, got N=", N,
               " K=", K);
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor out = at::empty({M, N}, x2.options());
-  at::Tensor bias_f;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    bias_f = bias->to(at::kFloat).contiguous();
-    bp = bias_f.data_ptr<float>();
-  }
-  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  LinearIO io = linear_io(x, K, N, bias);
+  const int64_t M = io.M;
+  const float* bp = io.bias;
+  const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t tile_rows = kBlocksPerTile * kBlockRows;
   const int64_t tasks = (N + tile_rows - 1) / tile_rows;
   if (M > 0) {
@@ -551,9 +544,7 @@ at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::o
       }
     });
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.reshape(shape);
+  return in_x_shape(io.out, x);
 }
 
 #endif  // AGENTCPU_PACKED_BF16
