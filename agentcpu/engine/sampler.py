@@ -18,6 +18,7 @@ from agentcpu.errors import InvalidRequestError
 # such a distribution is a point mass on the argmax anyway, so these rows are greedy.
 MIN_SAMPLING_TEMPERATURE = 1e-5
 NEG_INF = float("-inf")
+FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Sampler:
         _apply_masks(processed, rows)
         _check_some_token_allowed(processed, rows)
         _apply_penalties(processed, rows)
+        _keep_finite(processed)
         token_ids = _choose_tokens(processed, rows)
         return _results(logits, token_ids, rows)
 
@@ -155,6 +157,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     logits[index] = _presence_frequency(_repetition(logits[index], chosen), chosen)
 
 
+def _keep_finite(logits: torch.Tensor) -> None:
+    """A strong repetition penalty can push a seen token's logit to +inf (and a banned
+    token's -inf times a tiny penalty to NaN); softmax over either gives NaN and the draw
+    an id past the vocabulary. Banned stays banned (NaN -> -inf); +inf becomes the
+    largest float, still the most likely token."""
+    torch.nan_to_num_(logits, nan=NEG_INF, posinf=FLOAT_MAX, neginf=NEG_INF)
+
+
 def _column(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).unsqueeze(1)
 
@@ -194,6 +204,7 @@ def _choose_tokens(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Unnormalised probabilities after temperature, top-k, top-p and min-p."""
     logits = logits / _column([p.temperature for p in params])
+    _keep_finite(logits)  # a huge logit over a small temperature overflows
     probs = _apply_top_k_top_p(logits, params).softmax(dim=-1)
     min_p = _column([p.min_p for p in params])
     max_prob = probs.amax(dim=-1, keepdim=True)

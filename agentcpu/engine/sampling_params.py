@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from agentcpu.errors import InvalidRequestError
+
+# The sampler applies penalties in float32: a smaller repetition_penalty rounds to 0 (or
+# a subnormal) there and turns logits into inf / NaN (found by the OpenAPI fuzzer with
+# 5e-324).
+MIN_REPETITION_PENALTY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 @dataclass
@@ -49,9 +55,10 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty < math.inf:
             raise InvalidRequestError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+                f"repetition_penalty must be a positive float32 number (>= "
+                f"{MIN_REPETITION_PENALTY:.3g}), got {self.repetition_penalty}"
             )
         if not -2 <= self.presence_penalty <= 2:
             raise InvalidRequestError(

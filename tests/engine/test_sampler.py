@@ -318,3 +318,22 @@ def test_inverse_cdf_draw_never_lands_on_a_token_without_mass(monkeypatch, u, ex
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
     assert _draw(probs, [None]).tolist() == [expected]
     assert _draw(probs, [torch.Generator()]).tolist() == [expected]
+
+
+def test_a_repetition_penalty_that_vanishes_in_float32_is_refused():
+    """5e-324 is > 0 as a Python float and 0 in float32 (found by the OpenAPI fuzzer)."""
+    with pytest.raises(InvalidRequestError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=5e-324)
+    SamplingParams(repetition_penalty=1.2e-38)  # the smallest normal float32 is fine
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0])
+def test_extreme_penalties_never_draw_past_the_vocabulary(temperature):
+    """A seen token's logit divided by a tiny penalty overflows to inf; a banned one
+    (-inf) times it becomes NaN. The sampler still returns a real, unbanned token."""
+    vocab = 50
+    logits = torch.linspace(-3, 3, vocab).repeat(4, 1)
+    params = SamplingParams(temperature=temperature, repetition_penalty=1.2e-38)
+    rows = [row(params, prompt=[49, 48, 3], seed=i, banned=[49]) for i in range(4)]
+    for result in sample(logits, rows):
+        assert 0 <= result.token_id < vocab and result.token_id != 49
