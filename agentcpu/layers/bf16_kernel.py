@@ -1,15 +1,17 @@
 """Compiled bf16-weight linears.
 
-- `bf16_packed_kernel()` (`csrc/bf16_packed_linear.cpp`): CPUs with AVX-512 BF16; the
-  weight repacked once at load into VDPBF16PS operand order (`layers.packed_linear`),
-  every batch size.
+- `bf16_packed_kernel()` (`csrc/bf16_packed_linear.cpp`): CPUs with AVX-512 BF16 or
+  AVX2 + FMA; the weight repacked once at load into VDPBF16PS operand order
+  (`layers.packed_linear`), every batch size. On AVX2 the tile widens each packed line
+  to fp32 in registers (`csrc/bf16_packed_tile.h`).
 - `bf16_dot_kernel()` (`csrc/bf16_dot_linear.cpp`): CPUs with AVX-512 BF16; VDPBF16PS
   dot products, the weight read once per call in place. `layers.linear.dense_linear`
   sends bf16 products of up to `DOT_MAX_ROWS` rows to it (oneDNN's GEMM wins above):
   weights that are not packed (a tied LM head, shapes that do not pack).
 - `bf16_kernel()` (`csrc/bf16_linear.cpp`): AVX2 CPUs without native bf16 matmul, where
   PyTorch would either run its slow bf16 reference GEMM or need the whole weight widened
-  to fp32 first; fp32 FMAs on weights widened in registers.
+  to fp32 first; fp32 FMAs on weights widened in registers, the weight in place (layers
+  that were not packed).
 
 Each is built once per CPU by `hardware.native_build`; None where it cannot be built.
 """
@@ -54,7 +56,10 @@ def bf16_dot_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
-    return _avx512_bf16_extension("packed", PACKED_DECLARATIONS, (PACKED_TILE,))
+    functions = ["bf16_packed_available", "bf16_packed_linear"]
+    source = CSRC / "bf16_packed_linear.cpp"
+    module = build_extension("bf16_packed", source, PACKED_DECLARATIONS, functions, (PACKED_TILE,))
+    return module if module is not None and module.bf16_packed_available() else None
 
 
 def _avx512_bf16_extension(

@@ -1,14 +1,17 @@
-"""bf16 linear layers repacked once at load for the AVX-512 BF16 kernel.
+"""bf16 linear layers repacked once at load for the packed kernel.
 
 `pack_linears(model)` swaps every bf16 `Linear` whose shape packs (out_features a
 multiple of 16, in_features even) for a `PackedLinear` holding the same weight in
 VDPBF16PS operand order, [N / 16, K / 2, 16, 2] (`csrc/bf16_packed_linear.cpp`): one
-copy of the weights, as before, in the layout the kernel streams. On this project's
-Zen 4 VM the packed kernel beat both oneDNN and the in-place kernel at every batch size
-from 1 to 512 rows (docs/kernels.md). Where the CPU has no AVX-512 BF16 (or the kernel
-cannot be built) nothing is swapped. Runs after quantization, so only float layers that
-stayed bf16 are packed; `weight` unpacks on demand for code that wants the [N, K] matrix
-(quantizing a packed model, tests).
+copy of the weights, as before, in the layout the kernel streams. On AVX-512 BF16 CPUs
+the kernel multiplies the pairs with VDPBF16PS; on AVX2 + FMA CPUs it widens each line
+to fp32 in registers (two integer ops per 8 pairs). Measured against the alternatives
+on each machine (docs/kernels.md): on a Zen 4 (AVX-512 BF16) it beat oneDNN and the
+in-place kernel at every batch size from 1 to 512 rows; on a Zen 3 (AVX2) it beat the
+in-place AVX2 kernel at 1-64 rows and widening to fp32 for MKL at 512. Where neither
+instruction set is present (or the kernel cannot be built) nothing is swapped. Runs
+after quantization, so only float layers that stayed bf16 are packed; `weight` unpacks
+on demand for code that wants the [N, K] matrix (quantizing a packed model, tests).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from agentcpu.quant import apply_quant
 from agentcpu.quant.modules import Int8Linear
 from tests.engine.helpers import make_engine
 
-needs_packed = pytest.mark.skipif(bf16_packed_kernel() is None, reason="CPU without AVX-512 BF16")
+needs_packed = pytest.mark.skipif(bf16_packed_kernel() is None, reason="CPU without AVX-512 BF16 or AVX2")
 
 
 def _reference(x, w, b):
@@ -59,11 +59,12 @@ def test_only_bf16_shapes_that_pack():
 
 
 @needs_packed
-@pytest.mark.parametrize("rows", [1, 2, 6, 7, 8, 13, 128, 129, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13, 128, 129, 300])
 @pytest.mark.parametrize("n, k", [(16, 2), (48, 64), (80, 100), (272, 896), (96, 4864)])
 def test_kernel_matches_fp32_reference(rows, n, k):
-    """Every remainder of the 6-token groups and of the 4-block tiles (1, 3, 5 and 17
-    blocks), 128-token panels and one past it, K of one pair and K long."""
+    """Every remainder of the token groups (6 on AVX-512, 4 on AVX2, where one and two
+    tokens take 4 and 2 blocks a tile) and of the 4-block tiles (1, 3, 5 and 17 blocks),
+    128-token panels and one past it, K of one pair and K long."""
     gen = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
@@ -72,6 +73,20 @@ def test_kernel_matches_fp32_reference(rows, n, k):
         out = bf16_packed_kernel().bf16_packed_linear(x, pack_weight(w), bias)
         assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
         _assert_close(out, _reference(x, w, bias))
+
+
+@needs_packed
+def test_kernel_rounds_like_torch_and_keeps_nan():
+    """Sums exactly halfway between two bf16 values round to even (1 + 2^-8 -> 1,
+    1 + 2^-7 + 2^-8 -> 1 + 2^-6), as torch's fp32 -> bf16 does; a NaN input gives NaN
+    outputs, not a finite value."""
+    w = torch.ones(16, 2).bfloat16()
+    x = torch.tensor([[1.0, 2**-8], [1 + 2**-7, 2**-8], [float("nan"), 1.0]]).bfloat16()
+    out = bf16_packed_kernel().bf16_packed_linear(x, pack_weight(w), None)
+    expected = (x[:2].float() @ w.float().T).bfloat16()
+    assert torch.equal(out[:2], expected)
+    assert out[0, 0].item() == 1.0 and out[1, 0].item() == 1 + 2**-6
+    assert torch.isnan(out[2]).all()
 
 
 @needs_packed

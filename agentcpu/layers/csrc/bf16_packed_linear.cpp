@@ -22,9 +22,9 @@
 
 using namespace agentcpu_packed;
 
-// Whether this build has the packed path (compiled for a CPU with AVX-512 BF16).
+// Whether this build has the packed path (compiled for a CPU with AVX-512 BF16, or AVX2 + FMA).
 bool bf16_packed_available() {
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
   return true;
 #else
   return false;
@@ -34,14 +34,14 @@ bool bf16_packed_available() {
 // x: [..., K] bf16; packed: bf16 [N / 16, K / 2, 16, 2]; bias: [N] or None.
 // Returns [..., N] bf16 (fp32 accumulation, bias added in fp32, one rounding).
 at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(bf16_packed_available(), "this build has no AVX-512 BF16 path");
+  TORCH_CHECK(bf16_packed_available(), "this build has no packed path (needs AVX-512 BF16 or AVX2 + FMA)");
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kBlockRows &&
                   packed.size(3) == 2 && packed.is_contiguous(),
               "packed weight must be a contiguous bf16 [N/16, K/2, 16, 2] tensor");
   const int64_t N = packed.size(0) * kBlockRows, K = packed.size(1) * 2;
   LinearIO io = linear_io(x, K, N, bias);
   const int64_t M = io.M;
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
   const float* bp = io.bias;
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());

@@ -15,7 +15,11 @@
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define AGENTCPU_PACKED_BF16 1
+#define AGENTCPU_PACKED_BF16 1  // the tile multiplies bf16 pairs with VDPBF16PS
+#define AGENTCPU_PACKED 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define AGENTCPU_PACKED_AVX2 1  // the tile widens each line to fp32 and uses FMAs
+#define AGENTCPU_PACKED 1
 #endif
 
 namespace agentcpu_packed {
@@ -52,8 +56,8 @@ inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
 
 
 constexpr int64_t kBlockRows = 16;   // rows per packed block (one zmm of outputs)
-constexpr int kBlocksPerTile = 4;    // 64 rows per tile
-constexpr int kTokensPerTile = 6;    // 24 accumulators
+constexpr int kBlocksPerTile = 4;    // 64 rows per tile (a parallel task's unit)
+constexpr int kTokensPerTile = 6;    // 24 zmm / 12 ymm accumulators
 constexpr int64_t kPanelTokens = 128;
 
 #ifdef AGENTCPU_PACKED_BF16
@@ -133,5 +137,156 @@ void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t 
 
 
 #endif  // AGENTCPU_PACKED_BF16
+
+#ifdef AGENTCPU_PACKED_AVX2
+
+// AVX2 + FMA (no bf16 arithmetic): a 64-byte line is two 32-byte halves of 8 rows x 2 k,
+// each a lane of two bf16 values. The high one (k + 1) is already an fp32 once the low 16
+// bits are masked off; the low one (k) is one once shifted up 16 bits. So a line costs two
+// loads and four integer ops, and feeds 4 FMAs per token against broadcasts of x[t, k] and
+// x[t, k + 1] (the activations are widened to fp32 once per panel, so a broadcast is a
+// plain load). Tile: 1 block x 4 tokens = 8 ymm accumulators; 6 tokens (12 accumulators,
+// the AVX-512 tile's shape) left GCC short of registers and ran 10-20 % slower, 3 blocks x
+// 2 tokens ~45 % slower (Zen 3, docs/kernels.md). One or two tokens take 4 or 2 blocks a
+// tile, so more lines are in flight.
+constexpr int kTokensPerTileAvx2 = 4;
+
+inline __m256 low_bf16(__m256i line) { return _mm256_castsi256_ps(_mm256_slli_epi32(line, 16)); }
+
+inline __m256 high_bf16(__m256i line) {
+  return _mm256_castsi256_ps(_mm256_and_si256(line, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// 8 fp32 -> 8 bf16, rounded to nearest even (NaN stays a quiet NaN), as torch rounds.
+inline __m128i to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// out[t * N + b * 16 + (0..15)] for RB blocks from `w` (block b0's run) and T tokens;
+// x fp32 [T][K]. `ahead` > 0: prefetch each block's line that many k pairs ahead (the
+// first token group over a block reads it from DRAM; the blocks are one contiguous run,
+// so the last lines' prefetches fetch the next block's first).
+template <int RB, int T>
+inline void tile(const uint16_t* w, int64_t K2, const float* x, int64_t K, uint16_t* out, int64_t N,
+                 const float* bias, int64_t ahead) {
+  constexpr int V = 2 * RB;  // 8-row vectors
+  __m256 acc[T][V];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
+  const int64_t block_stride = K2 * 2 * kBlockRows;
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    if (ahead > 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * block_stride + (kp + ahead) * 2 * kBlockRows),
+                     _MM_HINT_T0);
+    }
+    __m256i line[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+      line[v] = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(w + (v / 2) * block_stride + kp * 2 * kBlockRows + (v % 2) * 16));
+    __m256 wk[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) wk[v] = low_bf16(line[v]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_broadcast_ss(x + t * K + 2 * kp);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(wk[v], xv, acc[t][v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) wk[v] = high_bf16(line[v]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_broadcast_ss(x + t * K + 2 * kp + 1);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(wk[v], xv, acc[t][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    const int64_t row = (v / 2) * kBlockRows + (v % 2) * 8;
+    const __m256 b = bias != nullptr ? _mm256_loadu_ps(bias + row) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + t * N + row), to_bf16(_mm256_add_ps(acc[t][v], b)));
+  }
+}
+
+// Prefetch distances in k pairs (64 bytes each), measured on Zen 3 from DRAM: 2-4 tokens
+// a tile gained 15-40 % with 24-64 pairs ahead, one token (4 blocks, 4 streams) with 8;
+// token groups after the first find the block in cache and prefetch nothing (doing so
+// cost up to 25 % at 32 rows).
+constexpr int64_t kAheadOneToken = 8;
+constexpr int64_t kAhead = 32;
+
+// One group of T tokens over blocks [b, b1) from `w` (block b's run); returns the blocks
+// taken: 1 for 3-4 tokens, up to 2 for 2, up to 4 for 1. `first`: the first group over
+// these blocks (it prefetches).
+inline int64_t tile_group(int T, int64_t b, int64_t b1, const uint16_t* w, int64_t K2, const float* x,
+                          int64_t K, uint16_t* out, int64_t N, const float* bias, bool first) {
+  const int64_t ahead = first ? kAhead : 0;
+  switch (T) {
+    case 4: tile<1, 4>(w, K2, x, K, out, N, bias, ahead); return 1;
+    case 3: tile<1, 3>(w, K2, x, K, out, N, bias, ahead); return 1;
+    case 2:
+      if (b + 2 <= b1) { tile<2, 2>(w, K2, x, K, out, N, bias, ahead); return 2; }
+      tile<1, 2>(w, K2, x, K, out, N, bias, ahead);
+      return 1;
+    default:
+      if (b + 4 <= b1) { tile<4, 1>(w, K2, x, K, out, N, bias, first ? kAheadOneToken : 0); return 4; }
+      tile<1, 1>(w, K2, x, K, out, N, bias, first ? kAheadOneToken : 0);
+      return 1;
+  }
+}
+
+// Blocks [b0, b1) against all M tokens (bf16 [M][K]): panels of 128 tokens widened to
+// fp32, each split into near-equal groups of at most 4. For each group of blocks, every
+// token group passes over them while they are in L1/L2.
+void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
+                  int64_t N, const float* bias, int64_t b0, int64_t b1) {
+  const int64_t K2 = K / 2, block_stride = K2 * 2 * kBlockRows;
+  std::vector<float> wide(std::min(M, kPanelTokens) * K);
+  for (int64_t p0 = 0; p0 < M; p0 += kPanelTokens) {
+    const int64_t panel = std::min(kPanelTokens, M - p0);
+    for (int64_t i = 0; i < panel * K; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(x[p0 * K + i]) << 16;
+      std::memcpy(&wide[i], &bits, sizeof(float));
+    }
+    const int64_t groups = (panel + kTokensPerTileAvx2 - 1) / kTokensPerTileAvx2;
+    const int64_t group = (panel + groups - 1) / groups;
+    const int first = static_cast<int>(std::min(group, panel));  // groups after it are no larger
+    for (int64_t b = b0; b < b1;) {
+      const uint16_t* w = packed + b * block_stride;
+      const float* bb = bias != nullptr ? bias + b * kBlockRows : nullptr;
+      // every group takes as many blocks as the first (a smaller last group takes them in
+      // steps of its own)
+      int64_t taken = 0;
+      for (int64_t t0 = 0; t0 < panel; t0 += group) {
+        const int tokens = static_cast<int>(std::min(group, panel - t0));
+        uint16_t* o = out + (p0 + t0) * N + b * kBlockRows;
+        const float* xt = wide.data() + t0 * K;
+        if (t0 == 0) {
+          taken = tile_group(first, b, b1, w, K2, xt, K, o, N, bb, true);
+        } else {
+          for (int64_t d = 0; d < taken;)
+            d += tile_group(tokens, b + d, b + taken, w + d * block_stride, K2, xt, K, o + d * kBlockRows, N,
+                            bb != nullptr ? bb + d * kBlockRows : nullptr, false);
+        }
+      }
+      b += taken;
+    }
+  }
+}
+
+#endif  // AGENTCPU_PACKED_AVX2
 
 }  // namespace agentcpu_packed
