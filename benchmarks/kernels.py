@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from agentcpu.hardware.probe import measure_read_bandwidth
 from agentcpu.layers.amx_kernel import amx_shape_ok, built_amx_kernel
-from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel
+from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel, bf16_packed_kernel
+from agentcpu.layers.packed_linear import pack_weight
 from agentcpu.quant import formats
 from agentcpu.quant.kernels import kernels
 
@@ -151,6 +152,11 @@ def _methods(k_in, n_out, batch, with_compile, working_set):
         methods["ours bf16 AMX tiles"] = (
             lambda w: amx.amx_bf16_linear(xb, w, None),
             (w.bfloat16(),),
+        )
+    if (packed_k := bf16_packed_kernel()) is not None and n_out % 16 == 0 and k_in % 2 == 0:
+        methods["ours bf16 packed"] = (
+            lambda p: packed_k.bf16_packed_linear(xb, p, None),
+            (pack_weight(w.bfloat16()),),
         )
     if (small := bf16_kernel()) is not None and batch <= 64:
         methods["ours bf16 small-batch (AVX2)"] = (
