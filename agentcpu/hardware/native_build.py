@@ -85,6 +85,22 @@ def build_extension(
         return None
 
 
+def build_probed_extension(
+    name: str,
+    source: Path,
+    declarations: str,
+    functions: list[str],
+    prelude: tuple[Path, ...] = (),
+) -> ModuleType | None:
+    """`build_extension` for a source whose fast path depends on the instruction set it
+    is compiled for: None unless the build took that path (`functions[0]` is the
+    source's `*_available()` probe)."""
+    module = build_extension(name, source, declarations, functions, prelude)
+    if module is None or not getattr(module, functions[0])():
+        return None
+    return module
+
+
 def build_avx512_bf16_extension(
     name: str,
     source: Path,
@@ -92,12 +108,7 @@ def build_avx512_bf16_extension(
     functions: list[str],
     prelude: tuple[Path, ...] = (),
 ) -> ModuleType | None:
-    """`build_extension` for a source whose fast path needs AVX-512 BF16: None where the
-    CPU lacks it or the build did not take that path (`functions[0]` is the source's
-    `*_available()` probe)."""
+    """`build_probed_extension` where the CPU has AVX-512 BF16, else None."""
     if not detect_cpu().avx512_bf16:
         return None
-    module = build_extension(name, source, declarations, functions, prelude)
-    if module is None or not getattr(module, functions[0])():
-        return None
-    return module
+    return build_probed_extension(name, source, declarations, functions, prelude)

@@ -19,10 +19,15 @@ Each is built once per CPU by `hardware.native_build`; None where it cannot be b
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
+from agentcpu.hardware.native_build import (
+    build_avx512_bf16_extension,
+    build_extension,
+    build_probed_extension,
+)
 
 CSRC = Path(__file__).with_name("csrc")
 PACKED_TILE = CSRC / "bf16_packed_tile.h"  # shared entry + packed tile (also for quant/)
@@ -51,21 +56,17 @@ def bf16_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_dot_kernel() -> ModuleType | None:
-    return _avx512_bf16_extension("dot", DOT_DECLARATIONS, (PACKED_TILE,))
+    return _linear_extension("dot", DOT_DECLARATIONS, build_avx512_bf16_extension)
 
 
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
-    functions = ["bf16_packed_available", "bf16_packed_linear"]
-    source = CSRC / "bf16_packed_linear.cpp"
-    module = build_extension("bf16_packed", source, PACKED_DECLARATIONS, functions, (PACKED_TILE,))
-    return module if module is not None and module.bf16_packed_available() else None
+    return _linear_extension("packed", PACKED_DECLARATIONS, build_probed_extension)
 
 
-def _avx512_bf16_extension(
-    name: str, declarations: str, prelude: tuple[Path, ...] = ()
-) -> ModuleType | None:
-    """`csrc/bf16_<name>_linear.cpp` where the CPU has AVX-512 BF16, else None."""
+def _linear_extension(name: str, declarations: str, build: Callable) -> ModuleType | None:
+    """`csrc/bf16_<name>_linear.cpp` (with the packed tile's header before it) where
+    `build` can build it with its fast path, else None."""
     functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
     source = CSRC / f"bf16_{name}_linear.cpp"
-    return build_avx512_bf16_extension(f"bf16_{name}", source, declarations, functions, prelude)
+    return build(f"bf16_{name}", source, declarations, functions, (PACKED_TILE,))

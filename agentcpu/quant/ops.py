@@ -18,6 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from agentcpu.layers.packed_linear import BLOCK_ROWS
 from agentcpu.quant.formats import Int4Weight, Int8Weight, dequantize_int4, dequantize_int8
 from agentcpu.quant.kernels import kernels, native_bf16_matmul
 
@@ -27,7 +28,6 @@ TILED_MIN_TOKENS = 16
 # rows (gate_up int8: 2.73 vs 2.43 ms at 32, 6.37 vs 4.02 at 64, 12.1 vs 6.3 at 128;
 # below 32 the per-call dequantization, ~0.2 ns per weight on 2 threads, loses).
 PACKED_MIN_TOKENS = 32
-PACKED_BLOCK_ROWS = 16
 GEMV_INT8_ALIGN = 32  # the int8 GEMV kernel works on whole 32-blocks of in_features
 GEMV_INT4_ALIGN = 64  # the int4 GEMV kernel reads two 32-blocks per load
 
@@ -56,7 +56,7 @@ def packed_path() -> bool:
 def _use_packed(x: torch.Tensor, out_features: int, in_features: int) -> bool:
     if x.dtype != torch.bfloat16 or _tokens(x) < PACKED_MIN_TOKENS or not packed_path():
         return False
-    return out_features % PACKED_BLOCK_ROWS == 0 and in_features % 2 == 0
+    return out_features % BLOCK_ROWS == 0 and in_features % 2 == 0
 
 
 def _bf16_tiles(x: torch.Tensor) -> bool:

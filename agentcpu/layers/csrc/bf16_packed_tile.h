@@ -144,7 +144,7 @@ void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t 
 // each a lane of two bf16 values. The high one (k + 1) is already an fp32 once the low 16
 // bits are masked off; the low one (k) is one once shifted up 16 bits. So a line costs two
 // loads and four integer ops, and feeds 4 FMAs per token against broadcasts of x[t, k] and
-// x[t, k + 1] (the activations are widened to fp32 once per panel, so a broadcast is a
+// x[t, k + 1] (the activations are widened to fp32 once per call, so a broadcast is a
 // plain load). Tile: 1 block x 4 tokens = 8 ymm accumulators; 6 tokens (12 accumulators,
 // the AVX-512 tile's shape) left GCC short of registers and ran 10-20 % slower, 3 blocks x
 // 2 tokens ~45 % slower (Zen 3, docs/kernels.md). One or two tokens take 4 or 2 blocks a
@@ -248,22 +248,16 @@ inline int64_t tile_group(int T, int64_t b, int64_t b1, const uint16_t* w, int64
   }
 }
 
-// Blocks [b0, b1) against all M tokens (bf16 [M][K]): panels of 128 tokens widened to
-// fp32, each split into near-equal groups of at most 4. For each group of blocks, every
-// token group passes over them while they are in L1/L2.
-void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
+// Blocks [b0, b1) against all M tokens (x widened to fp32 [M][K] by the caller, once
+// for all threads): panels of 128 tokens, each split into near-equal groups of at most 4.
+// For each group of blocks, every token group passes over them while they are in L1/L2.
+void blocks_range(const uint16_t* packed, int64_t K, const float* x, int64_t M, uint16_t* out,
                   int64_t N, const float* bias, int64_t b0, int64_t b1) {
   const int64_t K2 = K / 2, block_stride = K2 * 2 * kBlockRows;
-  std::vector<float> wide(std::min(M, kPanelTokens) * K);
   for (int64_t p0 = 0; p0 < M; p0 += kPanelTokens) {
     const int64_t panel = std::min(kPanelTokens, M - p0);
-    for (int64_t i = 0; i < panel * K; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(x[p0 * K + i]) << 16;
-      std::memcpy(&wide[i], &bits, sizeof(float));
-    }
     const int64_t groups = (panel + kTokensPerTileAvx2 - 1) / kTokensPerTileAvx2;
     const int64_t group = (panel + groups - 1) / groups;
-    const int first = static_cast<int>(std::min(group, panel));  // groups after it are no larger
     for (int64_t b = b0; b < b1;) {
       const uint16_t* w = packed + b * block_stride;
       const float* bb = bias != nullptr ? bias + b * kBlockRows : nullptr;
@@ -273,9 +267,9 @@ void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t 
       for (int64_t t0 = 0; t0 < panel; t0 += group) {
         const int tokens = static_cast<int>(std::min(group, panel - t0));
         uint16_t* o = out + (p0 + t0) * N + b * kBlockRows;
-        const float* xt = wide.data() + t0 * K;
+        const float* xt = x + (p0 + t0) * K;
         if (t0 == 0) {
-          taken = tile_group(first, b, b1, w, K2, xt, K, o, N, bb, true);
+          taken = tile_group(tokens, b, b1, w, K2, xt, K, o, N, bb, true);  // the largest group
         } else {
           for (int64_t d = 0; d < taken;)
             d += tile_group(tokens, b + d, b + taken, w + d * block_stride, K2, xt, K, o + d * kBlockRows, N,
