@@ -80,6 +80,19 @@ def prefill(engine: LLMEngine, prompt_len: int, seed: int) -> dict:
     return {"prompt_tokens": prompt_len, "ttft_s": wall, "prefill_tok_s": prompt_len / wall}
 
 
+def follow_up(engine: LLMEngine, context_len: int, new_len: int, seed: int) -> dict:
+    """A follow-up turn: `new_len` tokens after a `context_len`-token context already in
+    the prefix cache (prefilled first, not timed); tok/s of the new tokens' prefill."""
+    vocab = engine.config.model_config.vocab_size
+    context = random_prompt(context_len, vocab, seed)
+    run_requests(engine, [context], 1)
+    before = engine.stats.cached_prompt_tokens
+    wall, _ = run_requests(engine, [context + random_prompt(new_len, vocab, seed + 1)], 1)
+    cached = engine.stats.cached_prompt_tokens - before
+    computed = context_len + new_len - cached
+    return {"ttft_s": wall, "computed_tokens": computed, "new_tok_s": computed / wall}
+
+
 def shared_prefix(engine: LLMEngine, requests: int, prefix_len: int, suffix_len: int, output_len: int, seed: int) -> dict:
     vocab = engine.config.model_config.vocab_size
     prefix = random_prompt(prefix_len, vocab, seed)

@@ -18,7 +18,12 @@ from types import ModuleType
 
 import torch
 
-from agentcpu.hardware.native_build import build_avx512_bf16_extension, build_extension
+from agentcpu.hardware.cpu_features import detect_cpu
+from agentcpu.hardware.native_build import (
+    build_avx512_bf16_extension,
+    build_extension,
+    build_probed_extension,
+)
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -37,6 +42,13 @@ bool prefill_attention_available();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, double scale);
 """
+PREFILL_AVX2_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention_avx2.cpp"
+PREFILL_AVX2_DECLARATIONS = """
+bool prefill_attention_avx2_available();
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& slots, double scale);
+"""
+AVX2_MATH = Path(__file__).with_name("csrc") / "avx2_math.h"
 PREFILL_HEAD_DIMS = (64, 128)
 DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_attention_bf16.cpp"
 DECODE_DECLARATIONS = """
@@ -55,14 +67,24 @@ def fused() -> ModuleType | None:
 
 @functools.cache
 def prefill_attention_kernel() -> ModuleType | None:
-    """Causal attention of a bf16 prefill chunk over its paged context
-    (`csrc/prefill_attention.cpp`), where the CPU has AVX-512 BF16; else None."""
-    return build_avx512_bf16_extension(
-        "prefill_attention",
-        PREFILL_SOURCE,
-        PREFILL_DECLARATIONS,
-        ["prefill_attention_available", "prefill_attention"],
-        (ATTENTION_COMMON,),
+    """Causal attention of a bf16 prefill chunk over its paged context: VDPBF16PS where
+    the CPU has AVX-512 BF16 (`csrc/prefill_attention.cpp`), fp32 FMAs on the widened
+    cache where it has AVX2 only (`csrc/prefill_attention_avx2.cpp`); else None. Both
+    expose `prefill_attention(q, k_cache, v_cache, slots, scale)`."""
+    if detect_cpu().avx512_bf16:
+        return build_avx512_bf16_extension(
+            "prefill_attention",
+            PREFILL_SOURCE,
+            PREFILL_DECLARATIONS,
+            ["prefill_attention_available", "prefill_attention"],
+            (ATTENTION_COMMON,),
+        )
+    return build_probed_extension(
+        "prefill_attention_avx2",
+        PREFILL_AVX2_SOURCE,
+        PREFILL_AVX2_DECLARATIONS,
+        ["prefill_attention_avx2_available", "prefill_attention"],
+        (AVX2_MATH, ATTENTION_COMMON),
     )
 
 

@@ -1,5 +1,5 @@
-"""The AVX-512 BF16 prefill attention (a chunk of queries over its paged context)
-matches an fp32 reference, and `paged_attention` uses it for bf16 prefill chunks."""
+"""The prefill attention kernel (AVX-512 BF16 or AVX2: a chunk of queries over its paged
+context) matches an fp32 reference, and `paged_attention` uses it for bf16 prefill chunks."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from agentcpu.layers.attention import AttentionMetadata, PrefillChunk, paged_att
 from agentcpu.layers.fused_ops import prefill_attention_kernel
 
 needs_kernel = pytest.mark.skipif(
-    prefill_attention_kernel() is None, reason="CPU without AVX-512 BF16"
+    prefill_attention_kernel() is None, reason="CPU without AVX2 (or AVX-512 BF16)"
 )
 
 

@@ -1,6 +1,7 @@
-// What the two bf16 attention kernels share (`prefill_attention.cpp`,
-// `decode_attention_bf16.cpp`): the AVX-512 BF16 switch, a vector exp2 for the softmax,
-// VDPBF16PS operand helpers and the checks of q and the paged cache.
+// What the bf16 attention kernels share (`prefill_attention.cpp`,
+// `decode_attention_bf16.cpp`, and for its checks `prefill_attention_avx2.cpp`): the
+// AVX-512 BF16 switch, a vector exp2 for the softmax, VDPBF16PS operand helpers and the
+// checks of q and the paged cache.
 // `hardware.native_build` puts this text before each of those sources (`prelude`).
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -22,9 +23,9 @@ inline bool built_with_avx512_bf16() {
 #endif
 }
 
-// q [*, H, D] with a contiguous last dim and bf16 caches [S, KVH, D], contiguous.
+// q [*, H, D] with a contiguous last dim and bf16 caches [S, KVH, D], contiguous (each
+// kernel checks first that its build has its instruction set).
 inline void check_q_and_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  TORCH_CHECK(built_with_avx512_bf16(), "this build has no AVX-512 BF16 path");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
                   v_cache.scalar_type() == at::kBFloat16,
               "q and the KV cache must be bf16");

@@ -191,6 +191,7 @@ bool decode_attention_bf16_available() { return built_with_avx512_bf16(); }
 // 8 query heads per KV head. Returns [B, H, D].
 at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& slots, const at::Tensor& lens, double scale) {
+  TORCH_CHECK(built_with_avx512_bf16(), "this build has no AVX-512 BF16 path");
   check_q_and_cache(q, k_cache, v_cache);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512");

@@ -196,6 +196,7 @@ bool prefill_attention_available() { return built_with_avx512_bf16(); }
 // [C] (C >= L: the context, chunk included, in order). D must be 64 or 128.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& slots, double scale) {
+  TORCH_CHECK(built_with_avx512_bf16(), "this build has no AVX-512 BF16 path");
   check_q_and_cache(q, k_cache, v_cache);
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
