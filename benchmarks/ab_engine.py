@@ -59,7 +59,9 @@ FEATURES: dict[str, Callable[[bool], object]] = {
 
 
 def build(model: str) -> LLMEngine:
-    cfg = loading.resolve_engine_config(model, dtype="bfloat16", max_model_len=4096, kv_cache_gb=2.0)
+    cfg = loading.resolve_engine_config(
+        model, dtype="bfloat16", max_model_len=4096, kv_cache_gb=2.0
+    )
     return LLMEngine(cfg)
 
 
@@ -69,7 +71,9 @@ def measure(
     offline.decode(engine, 2, 16, 4, 0)  # warm-up: kernels built, buffers grown
     out = {}
     for s in streams:
-        out[f"{s} streams"] = offline.decode(engine, s, 128, 64 if s == 1 else 32, 1)["decode_tok_s"]
+        out[f"{s} streams"] = offline.decode(engine, s, 128, 64 if s == 1 else 32, 1)[
+            "decode_tok_s"
+        ]
     for n in prefill:
         out[f"prefill {n}"] = offline.prefill(engine, n, 2)["prefill_tok_s"]
     for context, new in follow_ups:
@@ -95,7 +99,10 @@ def main() -> None:
                 row = measure(engine, args.streams, args.prefill, follow_ups)
             results[on].append(row)
             label = "on " if on else "off"
-            print(f"round {r} {label} " + " | ".join(f"{k}: {v:.1f}" for k, v in row.items()), flush=True)
+            print(
+                f"round {r} {label} " + " | ".join(f"{k}: {v:.1f}" for k, v in row.items()),
+                flush=True,
+            )
             del engine
             gc.collect()
     print(f"medians (tok/s), {args.feature}: off -> on")

@@ -16,12 +16,13 @@ pair), so both methods are scored on the same work. docs/kernels.md records the 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
+from kernels import _time_round_robin  # noqa: E402  (same folder: run as a script)
 
 from agentcpu.layers.attention import PrefillChunk, _prefill
 from agentcpu.layers.fused_ops import prefill_attention_kernel
-from kernels import _time_round_robin  # noqa: E402  (same folder: run as a script)
 
 BLOCK = 16  # the engine's KV block size
 
@@ -49,8 +50,8 @@ def run(shapes, heads, kv_heads, dim, rounds) -> list[dict]:
         chunk = PrefillChunk(0, queries, context, slots if context > queries else None)
         k, v = k_cache[own], v_cache[own]
         fns = {
-            "sdpa": lambda: _prefill(q, k, v, k_cache, v_cache, chunk, scale),
-            "ours": lambda: kernel.prefill_attention(q, k_cache, v_cache, slots, scale),
+            "sdpa": partial(_prefill, q, k, v, k_cache, v_cache, chunk, scale),
+            "ours": partial(kernel.prefill_attention, q, k_cache, v_cache, slots, scale),
         }
         times = _time_round_robin(fns, rounds)
         pairs = sum(context - queries + i + 1 for i in range(queries))
@@ -66,7 +67,9 @@ def run(shapes, heads, kv_heads, dim, rounds) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["300x2300", "512x2048", "512x512"])
-    parser.add_argument("--heads", type=int, nargs=3, default=[14, 2, 64], metavar=("H", "KVH", "D"))
+    parser.add_argument(
+        "--heads", type=int, nargs=3, default=[14, 2, 64], metavar=("H", "KVH", "D")
+    )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()

@@ -60,9 +60,7 @@ def decode(engine: LLMEngine, streams: int, prompt_len: int, output_len: int, se
     decode_start = max(t.first_token.values())
     decode_end = max(t.finished.values())
     decode_tokens = streams * (output_len - 1)
-    per_stream = [
-        (t.finished[r] - t.first_token[r]) / (output_len - 1) for r in t.finished
-    ]
+    per_stream = [(t.finished[r] - t.first_token[r]) / (output_len - 1) for r in t.finished]
     return {
         "streams": streams,
         "wall_s": wall,
@@ -93,7 +91,9 @@ def follow_up(engine: LLMEngine, context_len: int, new_len: int, seed: int) -> d
     return {"ttft_s": wall, "computed_tokens": computed, "new_tok_s": computed / wall}
 
 
-def shared_prefix(engine: LLMEngine, requests: int, prefix_len: int, suffix_len: int, output_len: int, seed: int) -> dict:
+def shared_prefix(
+    engine: LLMEngine, requests: int, prefix_len: int, suffix_len: int, output_len: int, seed: int
+) -> dict:
     vocab = engine.config.model_config.vocab_size
     prefix = random_prompt(prefix_len, vocab, seed)
     prompts = [prefix + random_prompt(suffix_len, vocab, seed + 1 + i) for i in range(requests)]

@@ -31,6 +31,8 @@ from agentcpu.hardware.native_build import (
 
 CSRC = Path(__file__).with_name("csrc")
 PACKED_TILE = CSRC / "bf16_packed_tile.h"  # shared entry + packed tile (also for quant/)
+AVX2_MATH = CSRC / "avx2_math.h"  # bf16 <-> fp32 and exp on 8 lanes
+PACKED_PRELUDE = (AVX2_MATH, PACKED_TILE)  # what every user of the packed tile puts first
 DECLARATIONS = """
 at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);
@@ -69,4 +71,4 @@ def _linear_extension(name: str, declarations: str, build: Callable) -> ModuleTy
     `build` can build it with its fast path, else None."""
     functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
     source = CSRC / f"bf16_{name}_linear.cpp"
-    return build(f"bf16_{name}", source, declarations, functions, (PACKED_TILE,))
+    return build(f"bf16_{name}", source, declarations, functions, PACKED_PRELUDE)

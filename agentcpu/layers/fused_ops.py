@@ -24,6 +24,7 @@ from agentcpu.hardware.native_build import (
     build_extension,
     build_probed_extension,
 )
+from agentcpu.layers.bf16_kernel import AVX2_MATH
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -48,7 +49,6 @@ bool prefill_attention_avx2_available();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, double scale);
 """
-AVX2_MATH = Path(__file__).with_name("csrc") / "avx2_math.h"
 PREFILL_HEAD_DIMS = (64, 128)
 DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode_attention_bf16.cpp"
 DECODE_DECLARATIONS = """
@@ -62,7 +62,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def fused() -> ModuleType | None:
-    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS)
+    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH,))
 
 
 @functools.cache

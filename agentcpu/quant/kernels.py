@@ -10,12 +10,12 @@ from pathlib import Path
 from types import ModuleType
 
 from agentcpu.hardware.native_build import build_extension, native_bf16_matmul
+from agentcpu.layers.bf16_kernel import PACKED_PRELUDE
 
 __all__ = ["kernels", "native_bf16_matmul"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_kernels.cpp"
 # the packed bf16 tile, for the batch path on AVX-512 BF16 (`layers/csrc`)
-PACKED_TILE = Path(__file__).parents[1] / "layers" / "csrc" / "bf16_packed_tile.h"
 FUNCTIONS = [
     "int8_linear_gemv",
     "int4_linear_gemv",
@@ -46,4 +46,4 @@ at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    return build_extension("quant", SOURCE, DECLARATIONS, FUNCTIONS, prelude=(PACKED_TILE,))
+    return build_extension("quant", SOURCE, DECLARATIONS, FUNCTIONS, prelude=PACKED_PRELUDE)

@@ -2,7 +2,7 @@
 // layout, used by `bf16_packed_linear.cpp`, `bf16_dot_linear.cpp` (the entry only) and the
 // quantized kernels' batched path (`quant/csrc/quant_kernels.cpp`, which dequantizes 64
 // weight rows at a time into this layout). `hardware.native_build` puts this text before
-// each of those sources (`prelude`), so a change here rebuilds them all.
+// each of those sources (`prelude`, after `avx2_math.h`), so a change here rebuilds them all.
 //
 // Packed layout: [N / 16][K / 2][16 rows][2 k] bf16, the operand layout of VDPBF16PS:
 // one 64-byte line holds 2 k values of 16 weight rows, and a 16-row block is one
@@ -157,15 +157,7 @@ inline __m256 high_bf16(__m256i line) {
   return _mm256_castsi256_ps(_mm256_and_si256(line, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// 8 fp32 -> 8 bf16, rounded to nearest even (NaN stays a quiet NaN), as torch rounds.
-inline __m128i to_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
+using agentcpu_avx2::to_bf16;  // rounded to nearest even, as torch rounds
 
 // out[t * N + b * 16 + (0..15)] for RB blocks from `w` (block b0's run) and T tokens;
 // x fp32 [T][K]. `ahead` > 0: prefetch each block's line that many k pairs ahead (the

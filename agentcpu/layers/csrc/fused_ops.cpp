@@ -1,7 +1,8 @@
 // Fused decoder ops for the decode step, where each PyTorch op costs more in dispatch
 // than in arithmetic (one token per sequence): RMSNorm, rotary embedding (in place),
 // SiLU-and-multiply, and attention of one query token per sequence over its paged KV
-// slots (no gather, no GQA repeat, no padding mask).
+// slots (no gather, no GQA repeat, no padding mask). `avx2_math.h` comes first
+// (native_build's prelude).
 //
 // Every op computes in fp32 and rounds to the tensor dtype exactly where the PyTorch /
 // Hugging Face reference does (e.g. RMSNorm rounds the normalized row before the weight
@@ -105,16 +106,6 @@ const uint16_t* silu_bf16_table() {
   return table.data();
 }
 
-#ifdef __AVX2__
-// fp32 -> bf16 bits, round to nearest even, NaN -> 0x7fc0 (as c10::BFloat16 does).
-inline __m128i to_bf16_bits(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
-#endif
 
 template <>
 void silu_mul_impl<at::BFloat16>(const at::Tensor& gate_up, at::Tensor& out) {
@@ -136,7 +127,7 @@ void silu_mul_impl<at::BFloat16>(const at::Tensor& gate_up, at::Tensor& out) {
         const __m256i uv = _mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i))), 16);
         const __m256 prod = _mm256_mul_ps(_mm256_castsi256_ps(sv), _mm256_castsi256_ps(uv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), to_bf16_bits(prod));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), agentcpu_avx2::to_bf16(prod));
       }
 #endif
       for (; i < I; ++i) {
@@ -187,28 +178,6 @@ inline void group_dots(const float* q, const float* k, int64_t G, int64_t D, flo
   for (int64_t g = 0; g < G; ++g) out[g * stride] = dot_lanes(q + g * D, k, D);
 }
 
-#ifdef __AVX2__
-// exp(x) for x <= 0 (softmax after subtracting the max), 8 lanes: 2^(x log2 e) as
-// 2^n * 2^f with f in [-0.5, 0.5] and a degree-6 polynomial (relative error ~2e-7,
-// below fp32 rounding of the sums it feeds). Inputs under -87 flush to 0.
-inline __m256 exp256_nonpositive(__m256 x) {
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 t = _mm256_mul_ps(x, log2e);
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);  // [-0.5, 0.5]
-  // 2^f = e^(f ln2): Taylor coefficients of 2^f up to f^6
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
 
 // sc[l] = exp(sc[l] - mx) in place; returns their sum.
 inline float exp_shifted_sum(float* sc, int64_t len, float mx) {
@@ -218,7 +187,7 @@ inline float exp_shifted_sum(float* sc, int64_t len, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   for (; l + 8 <= len; l += 8) {
-    const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + l), m));
+    const __m256 e = agentcpu_avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + l), m));
     _mm256_storeu_ps(sc + l, e);
     acc = _mm256_add_ps(acc, e);
   }
@@ -235,9 +204,8 @@ inline float exp_shifted_sum(float* sc, int64_t len, float mx) {
 
 #ifdef __AVX2__
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+inline __m256 load8(const at::BFloat16* p) {
+  return agentcpu_avx2::widen_bf16(reinterpret_cast<const uint16_t*>(p));
 }
 
 // Eight vectors -> one vector whose lane g is the horizontal sum of v[g].
@@ -284,7 +252,7 @@ void decode_group(const float* qf, const T* kp, const T* vp, const int64_t* sl, 
   for (int64_t l = 1; l < len; ++l) mx = _mm256_max_ps(mx, _mm256_loadu_ps(scores + l * 8));
   __m256 sum = _mm256_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
-    const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + l * 8), mx));
+    const __m256 e = agentcpu_avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + l * 8), mx));
     _mm256_storeu_ps(scores + l * 8, e);
     sum = _mm256_add_ps(sum, e);
   }

@@ -85,9 +85,8 @@ void compute_group_sums(QuantActs& a, int64_t t, int64_t K, int64_t group) {
 
 // 32 floats -> 32 int8 (round to nearest) with scale amax / 127; returns the scale.
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const at::BFloat16* x) {  // bf16 is the top half of an fp32
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+inline __m256 load8(const at::BFloat16* x) {
+  return agentcpu_avx2::widen_bf16(reinterpret_cast<const uint16_t*>(x));
 }
 
 template <typename T>
