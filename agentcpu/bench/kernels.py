@@ -2,8 +2,10 @@
 bf16 / fp32 F.linear and the bandwidth roofline, on the Qwen2.5-0.5B layer shapes
 (docs/quantization.md and docs/kernels.md record the tables).
 
-    python benchmarks/kernels.py [--batches 1 8 32] [--shapes qkv o gate_up down]
+    agentcpu bench kernel [--batches 1 8 32] [--shapes qkv o gate_up down]
         [--rounds 31] [--threads N] [--compile] [--working-set-mb 256] [--json out.json]
+
+(`python benchmarks/kernels.py` before session 12.)
 
 Every method of one (shape, batch) is timed round-robin (A B C A B C ...) so machine
 drift hits all alike; each figure is the median (and the best) over rounds of the mean
@@ -47,7 +49,7 @@ def _calls_per_round(fn: Callable[[], object]) -> int:
     return max(1, min(200, int(TARGET_ROUND_S / max(time.perf_counter() - t0, 1e-7))))
 
 
-def _time_round_robin(
+def time_round_robin(
     fns: dict[str, Callable[[], object]], rounds: int
 ) -> dict[str, tuple[float, float]]:
     """(median, best) seconds per call of each function."""
@@ -185,7 +187,7 @@ def run(batches, rounds, with_compile, working_set, shapes=None) -> tuple[float,
             continue
         for batch in batches:
             methods = _methods(k_in, n_out, batch, with_compile, working_set)
-            times = _time_round_robin({m: fn for m, (fn, _) in methods.items()}, rounds)
+            times = time_round_robin({m: fn for m, (fn, _) in methods.items()}, rounds)
             for method, (_, nbytes) in methods.items():
                 median, best = times[method]
                 gbps = nbytes / median / 1e9
@@ -224,8 +226,7 @@ def markdown(bandwidth: float, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--shapes", nargs="+", choices=[s[2] for s in SHAPES], help="default: all")
@@ -240,7 +241,10 @@ def main() -> None:
         default=DEFAULT_WORKING_SET_MB,
         help="weight copies cycled per method (keep it well above the L3 size)",
     )
-    args = parser.parse_args()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`agentcpu bench kernel`: time every method of every (shape, batch), print the table."""
     if args.threads:
         torch.set_num_threads(args.threads)
     bandwidth, rows = run(
@@ -254,7 +258,4 @@ def main() -> None:
                 f,
                 indent=1,
             )
-
-
-if __name__ == "__main__":
-    main()
+    return 0
