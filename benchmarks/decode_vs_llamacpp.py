@@ -165,9 +165,16 @@ def main() -> None:
             f"{od / ld:.2f}x | {op:.0f} / {lp:.0f} | {op / lp:.2f}x |"
         )
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         )
+        record = {
+            "command": "python " + " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "commit": commit.stdout.strip(),
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
