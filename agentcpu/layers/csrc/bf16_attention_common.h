@@ -1,12 +1,14 @@
 // What the bf16 attention kernels share (`prefill_attention.cpp`,
 // `decode_attention_bf16.cpp`, and for its checks `prefill_attention_avx2.cpp`): the
-// AVX-512 BF16 switch, a vector exp2 for the softmax, VDPBF16PS operand helpers and the
-// checks of q and the paged cache.
+// AVX-512 BF16 switch, a vector exp2 for the softmax, VDPBF16PS operand helpers, the
+// checks of q and the paged cache, and the prefill kernels' argument checks and row-count
+// dispatch.
 // `hardware.native_build` puts this text before each of those sources (`prelude`).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define AGENTCPU_ATTENTION_BF16 1
@@ -33,6 +35,39 @@ inline void check_q_and_cache(const at::Tensor& q, const at::Tensor& k_cache, co
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [tokens, heads, head_dim] with a contiguous last dim");
   TORCH_CHECK(k_cache.size(2) == q.size(2) && q.size(1) % k_cache.size(1) == 0,
               "head_dim mismatch or heads not a multiple of KV heads");
+}
+
+// The arguments of a prefill chunk's attention, checked: q [L, H, D] bf16 (last dim
+// contiguous), caches [S, KVH, D] bf16 contiguous, slots [C] (C >= L: the context, chunk
+// included, in order; as int64), D 64 or 128; `out` [L, H, D] bf16, to be filled.
+struct PrefillArgs {
+  int64_t L, H, D, KVH, C;
+  at::Tensor slots, out;
+};
+
+inline PrefillArgs prefill_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& slots) {
+  check_q_and_cache(q, k_cache, v_cache);
+  PrefillArgs a{q.size(0), q.size(1), q.size(2), k_cache.size(1), slots.numel(), slots.to(at::kLong).contiguous(),
+                at::Tensor()};
+  TORCH_CHECK(a.D == 64 || a.D == 128, "head_dim must be 64 or 128, got ", a.D);
+  TORCH_CHECK(a.C >= a.L && a.L >= 1, "context (", a.C, " slots) must hold the chunk (", a.L, " queries)");
+  a.out = at::empty({a.L, a.H, a.D}, q.options());
+  return a;
+}
+
+// f(std::integral_constant<int, T>{}) for a tile of T = 1..6 rows known at run time: the
+// kernels' tiles are templates on their row count.
+template <typename F>
+inline void dispatch_rows(int T, F&& f) {
+  switch (T) {
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
 }
 
 #ifdef AGENTCPU_ATTENTION_BF16

@@ -173,18 +173,6 @@ void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const Pa
   }
 }
 
-void tile_dispatch(int T, const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
-                   float scale_log2e, float* const* out_rows) {
-  switch (T) {
-    case 6: tile_rows<6>(q, pos, D, pc, scale_log2e, out_rows); break;
-    case 5: tile_rows<5>(q, pos, D, pc, scale_log2e, out_rows); break;
-    case 4: tile_rows<4>(q, pos, D, pc, scale_log2e, out_rows); break;
-    case 3: tile_rows<3>(q, pos, D, pc, scale_log2e, out_rows); break;
-    case 2: tile_rows<2>(q, pos, D, pc, scale_log2e, out_rows); break;
-    default: tile_rows<1>(q, pos, D, pc, scale_log2e, out_rows);
-  }
-}
-
 #endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace
@@ -197,13 +185,10 @@ bool prefill_attention_available() { return built_with_avx512_bf16(); }
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& slots, double scale) {
   TORCH_CHECK(built_with_avx512_bf16(), "this build has no AVX-512 BF16 path");
-  check_q_and_cache(q, k_cache, v_cache);
-  const int64_t L = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
-  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
-  const at::Tensor sl = slots.to(at::kLong).contiguous();
-  const int64_t C = sl.numel();
-  TORCH_CHECK(C >= L && L >= 1, "context (", C, " slots) must hold the chunk (", L, " queries)");
-  at::Tensor out = at::empty({L, H, D}, q.options());
+  const PrefillArgs args = prefill_args(q, k_cache, v_cache, slots);
+  const int64_t L = args.L, H = args.H, D = args.D, KVH = args.KVH, C = args.C;
+  const at::Tensor& sl = args.slots;
+  const at::Tensor& out = args.out;
 #ifdef AGENTCPU_ATTENTION_BF16
   const int64_t G = H / KVH;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
@@ -235,7 +220,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
           pos[t] = C - L + i;
           orows[t] = acc.data() + t * D;
         }
-        tile_dispatch(T, qrows, pos, D, packed[kh], scale_log2e, orows);
+        dispatch_rows(T, [&](auto t) { tile_rows<decltype(t)::value>(qrows, pos, D, packed[kh], scale_log2e, orows); });
         for (int t = 0; t < T; ++t) {
           const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
           at::BFloat16* o = op + (i * H + h) * D;

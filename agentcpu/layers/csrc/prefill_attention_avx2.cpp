@@ -159,18 +159,6 @@ void tile_block(SpanRows& rows, int64_t r0, int64_t D, const WideBlock& wb, int6
   }
 }
 
-void tile_dispatch(int T, SpanRows& rows, int64_t r0, int64_t D, const WideBlock& wb,
-                   int64_t first, float scale) {
-  switch (T) {
-    case 6: tile_block<6>(rows, r0, D, wb, first, scale); break;
-    case 5: tile_block<5>(rows, r0, D, wb, first, scale); break;
-    case 4: tile_block<4>(rows, r0, D, wb, first, scale); break;
-    case 3: tile_block<3>(rows, r0, D, wb, first, scale); break;
-    case 2: tile_block<2>(rows, r0, D, wb, first, scale); break;
-    default: tile_block<1>(rows, r0, D, wb, first, scale);
-  }
-}
-
 #endif  // AGENTCPU_PREFILL_AVX2
 
 }  // namespace
@@ -189,13 +177,10 @@ bool prefill_attention_avx2_available() {
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& slots, double scale) {
   TORCH_CHECK(prefill_attention_avx2_available(), "this build has no AVX2 path");
-  agentcpu_attention::check_q_and_cache(q, k_cache, v_cache);
-  const int64_t L = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
-  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
-  const at::Tensor sl = slots.to(at::kLong).contiguous();
-  const int64_t C = sl.numel();
-  TORCH_CHECK(C >= L && L >= 1, "context (", C, " slots) must hold the chunk (", L, " queries)");
-  at::Tensor out = at::empty({L, H, D}, q.options());
+  const agentcpu_attention::PrefillArgs args = agentcpu_attention::prefill_args(q, k_cache, v_cache, slots);
+  const int64_t L = args.L, H = args.H, D = args.D, KVH = args.KVH, C = args.C;
+  const at::Tensor& sl = args.slots;
+  const at::Tensor& out = args.out;
 #ifdef AGENTCPU_PREFILL_AVX2
   const int64_t G = H / KVH;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
@@ -234,7 +219,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
         for (int64_t r0 = 0; r0 < R; r0 += kRows) {
           const int T = static_cast<int>(std::min<int64_t>(kRows, R - r0));
           if (rows.pos[r0 + T - 1] < first) continue;  // this tile sees no key of the block
-          tile_dispatch(T, rows, r0, D, wb, first, fscale);
+          agentcpu_attention::dispatch_rows(T, [&](auto t) { tile_block<decltype(t)::value>(rows, r0, D, wb, first, fscale); });
         }
       }
       for (int64_t r = 0; r < R; ++r) {
