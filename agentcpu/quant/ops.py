@@ -4,9 +4,9 @@ fallback where no kernel is built (see `kernels.py`).
 The GEMV kernel streams the quantized weights once per call and multiplies them with
 activations quantized to int8 per 32-block; it serves every batch size on CPUs without
 fast bf16 matmul (measured here on AVX2: it beats dequantize-then-fp32-GEMM up to batch
-32 and beyond). On AVX-512 BF16 CPUs, bf16 batches of `PACKED_MIN_TOKENS` rows or more
-dequantize 64 weight rows at a time into the packed bf16 layout and run the bf16 packed
-tile over them; elsewhere with fast bf16 matmul (AMX), batches of `TILED_MIN_TOKENS` rows
+32 and beyond). bf16 batches of `packed_min_tokens()` rows or more (32 on AVX-512 BF16,
+256 on AVX2) dequantize 64 weight rows at a time into the packed bf16 layout and run the
+bf16 packed tile over them; elsewhere with fast bf16 matmul (AMX), batches of `TILED_MIN_TOKENS` rows
 or more dequantize tiles to bf16 and multiply with oneDNN. docs/quantization.md has the
 measurements.
 """
@@ -28,6 +28,12 @@ TILED_MIN_TOKENS = 16
 # rows (gate_up int8: 2.73 vs 2.43 ms at 32, 6.37 vs 4.02 at 64, 12.1 vs 6.3 at 128;
 # below 32 the per-call dequantization, ~0.2 ns per weight on 2 threads, loses).
 PACKED_MIN_TOKENS = 32
+# On AVX2 (fp32 FMAs on the packed layout) the per-call dequantization costs ~0.4 ns per
+# weight on 2 threads and the tile is slower than VDPBF16PS, so the GEMV keeps batches up
+# to here (Zen 3, int8 / int4-g32 ms, GEMV vs packed: gate_up 64 rows 13.3 / 14.0 vs
+# 15.2 / 15.0, 128 rows 26.0 / 28.4 vs 26.1 / 25.9, 512 rows 108 / 134 vs 89 / 86; down
+# 512 rows 42 / 43 vs 44 / 44).
+PACKED_MIN_TOKENS_AVX2 = 256
 GEMV_INT8_ALIGN = 32  # the int8 GEMV kernel works on whole 32-blocks of in_features
 GEMV_INT4_ALIGN = 64  # the int4 GEMV kernel reads two 32-blocks per load
 
@@ -47,14 +53,20 @@ def _use_tiled(x: torch.Tensor) -> bool:
 
 @functools.cache
 def packed_path() -> bool:
-    """Whether the kernels have the AVX-512 BF16 batch path (dequantize into the packed
-    bf16 layout, `layers/csrc/bf16_packed_tile.h`)."""
+    """Whether the kernels have the packed batch path (dequantize into the packed bf16
+    layout of `layers/csrc/bf16_packed_tile.h`; AVX-512 BF16 or AVX2 + FMA)."""
     k = kernels()
     return k is not None and k.quant_packed_available()
 
 
+@functools.cache
+def packed_min_tokens() -> int:
+    """Rows from which a bf16 batch takes the packed path on this CPU."""
+    return PACKED_MIN_TOKENS if native_bf16_matmul() else PACKED_MIN_TOKENS_AVX2
+
+
 def _use_packed(x: torch.Tensor, out_features: int, in_features: int) -> bool:
-    if x.dtype != torch.bfloat16 or _tokens(x) < PACKED_MIN_TOKENS or not packed_path():
+    if x.dtype != torch.bfloat16 or not packed_path() or _tokens(x) < packed_min_tokens():
         return False
     return out_features % BLOCK_ROWS == 0 and in_features % 2 == 0
 

@@ -493,15 +493,16 @@ at::Tensor int4_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
   return finish(out, x, bias);
 }
 
-// ---- batches on AVX-512 BF16: dequantize 64 rows at a time into the packed bf16 layout
+// ---- batches on AVX-512 BF16 / AVX2: dequantize 64 rows at a time into the packed bf16 layout
 // of `layers/csrc/bf16_packed_tile.h` (prepended to this source by native_build) and run
 // its tile over every token: the batch then costs what a bf16 batch costs, plus one
 // dequantization of the weights per call (docs/quantization.md).
 
 namespace {
 
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
 
+#ifdef AGENTCPU_PACKED_BF16
 // fp32 rows [16][K] -> one packed block [K / 2][16][2] bf16: for each k pair, the 16 rows'
 // pairs are gathered as 64-bit lanes and rounded to bf16 together.
 void pack_block(const float* rows, int64_t K, uint16_t* dst) {
@@ -516,6 +517,21 @@ void pack_block(const float* rows, int64_t K, uint16_t* dst) {
     _mm512_storeu_si512(dst + p * 32, reinterpret_cast<__m512i>(v));
   }
 }
+#else
+// AVX2: the same, 4 rows' pairs per 64-bit gather, rounded to nearest even 8 values at a time.
+void pack_block(const float* rows, int64_t K, uint16_t* dst) {
+  const int64_t pairs = K / 2;
+  const __m256i base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0), _mm256_set1_epi32(static_cast<int>(pairs)));
+  const __m128i lanes = _mm256_castsi256_si128(base);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const auto* src = reinterpret_cast<const double*>(rows) + p;
+    for (int q = 0; q < 4; ++q) {  // rows 4q .. 4q + 3
+      const __m256d v = _mm256_i32gather_pd(src + q * 4 * pairs, lanes, 8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + p * 32 + q * 8), agentcpu_avx2::to_bf16(_mm256_castpd_ps(v)));
+    }
+  }
+}
+#endif
 
 // Dequant(r0, rows, dst): weight rows [r0, r0 + rows) as fp32 [rows][K].
 template <typename Dequant>
@@ -527,7 +543,12 @@ at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::o
   LinearIO io = linear_io(x, K, N, bias);
   const int64_t M = io.M;
   const float* bp = io.bias;
+#ifdef AGENTCPU_PACKED_AVX2
+  const at::Tensor x_wide = io.x2.to(at::kFloat);  // the AVX2 tile broadcasts fp32 activations
+  const float* xp = x_wide.data_ptr<float>();
+#else
   const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
+#endif
   auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t tile_rows = kBlocksPerTile * kBlockRows;
   const int64_t tasks = (N + tile_rows - 1) / tile_rows;
@@ -546,13 +567,13 @@ at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::o
   return in_x_shape(io.out, x);
 }
 
-#endif  // AGENTCPU_PACKED_BF16
+#endif  // AGENTCPU_PACKED
 
 }  // namespace
 
-// Whether this build has the packed batch path (AVX-512 BF16).
+// Whether this build has the packed batch path (AVX-512 BF16, or AVX2 + FMA).
 bool quant_packed_available() {
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
   return true;
 #else
   return false;
@@ -561,11 +582,11 @@ bool quant_packed_available() {
 
 at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(quant_packed_available(), "this build has no AVX-512 BF16 path");
+  TORCH_CHECK(quant_packed_available(), "this build has no packed batch path (needs AVX-512 BF16 or AVX2 + FMA)");
   const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1);
   check_x(x, K, 1);
   at::Tensor out;
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   out = packed_matmul(x, N, K, bias, [&](int64_t r0, int64_t nr, float* dst) {
@@ -577,11 +598,11 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight, co
 
 at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(quant_packed_available(), "this build has no AVX-512 BF16 path");
+  TORCH_CHECK(quant_packed_available(), "this build has no packed batch path (needs AVX-512 BF16 or AVX2 + FMA)");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
   check_x(x, K, kBlock);
   at::Tensor out;
-#ifdef AGENTCPU_PACKED_BF16
+#ifdef AGENTCPU_PACKED
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = offsets.data_ptr<at::Half>();
