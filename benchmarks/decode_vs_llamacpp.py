@@ -120,14 +120,15 @@ def main() -> None:
     samples: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in range(args.rounds):
         for quant, kind in pairs:
+            # one engine at a time (built per round, not kept): a model's bf16, int8 and
+            # int4 copies together would not fit next to llama.cpp's for larger shapes
             llm = LLM(
                 str(model),
                 quant=None if quant == "bf16" else quant,
                 kv_cache_gb=1.0,
                 max_model_len=2048,
             )
-            if r == 0:
-                ours(llm, 8, 32, 99)  # warm-up: kernels built, buffers grown
+            ours(llm, 8, 32, 99)  # warm-up of each new engine: kernels built, buffers grown
             samples.setdefault(("ours", quant), []).append(
                 ours(llm, args.output_len, args.prompt_len, r)
             )
