@@ -24,38 +24,25 @@ import argparse
 import gc
 import statistics
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import nullcontext
+from unittest import mock
 
 from agentcpu.bench import offline
 from agentcpu.engine.llm_engine import LLMEngine
 from agentcpu.layers import attention
 from agentcpu.models import loading
 
-
-@contextmanager
-def _packed_layers(on: bool):
-    pack = loading.pack_linears
-    loading.pack_linears = pack if on else (lambda m: 0)
-    try:
-        yield
-    finally:
-        loading.pack_linears = pack
-
-
-@contextmanager
-def _prefill_attention(on: bool):
-    kernel = attention.prefill_attention_kernel
-    attention.prefill_attention_kernel = kernel if on else (lambda: None)
-    try:
-        yield
-    finally:
-        attention.prefill_attention_kernel = kernel
-
-
-FEATURES: dict[str, Callable[[bool], object]] = {
-    "packed-layers": _packed_layers,
-    "prefill-attention": _prefill_attention,
+# feature -> (module, attribute, what it is replaced with to turn the feature off)
+FEATURES: dict[str, tuple[object, str, Callable]] = {
+    "packed-layers": (loading, "pack_linears", lambda model: 0),
+    "prefill-attention": (attention, "prefill_attention_kernel", lambda: None),
 }
+
+
+def feature(name: str, on: bool):
+    """A context in which the feature is on (as shipped) or off (patched out)."""
+    module, attribute, off = FEATURES[name]
+    return nullcontext() if on else mock.patch.object(module, attribute, off)
 
 
 def build(model: str) -> LLMEngine:
@@ -94,7 +81,7 @@ def main() -> None:
     results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for r in range(args.rounds):
         for on in (False, True):
-            with FEATURES[args.feature](on):
+            with feature(args.feature, on):
                 engine = build(args.model)
                 row = measure(engine, args.streams, args.prefill, follow_ups)
             results[on].append(row)

@@ -91,24 +91,16 @@ def build_probed_extension(
     declarations: str,
     functions: list[str],
     prelude: tuple[Path, ...] = (),
+    *,
+    cpu_has_path: bool = True,
 ) -> ModuleType | None:
     """`build_extension` for a source whose fast path depends on the instruction set it
     is compiled for: None unless the build took that path (`functions[0]` is the
-    source's `*_available()` probe)."""
+    source's `*_available()` probe). `cpu_has_path=False` (e.g. `detect_cpu().avx512_bf16`
+    for an AVX-512 BF16 source) skips a build that could only produce the slow path."""
+    if not cpu_has_path:
+        return None
     module = build_extension(name, source, declarations, functions, prelude)
     if module is None or not getattr(module, functions[0])():
         return None
     return module
-
-
-def build_avx512_bf16_extension(
-    name: str,
-    source: Path,
-    declarations: str,
-    functions: list[str],
-    prelude: tuple[Path, ...] = (),
-) -> ModuleType | None:
-    """`build_probed_extension` where the CPU has AVX-512 BF16, else None."""
-    if not detect_cpu().avx512_bf16:
-        return None
-    return build_probed_extension(name, source, declarations, functions, prelude)

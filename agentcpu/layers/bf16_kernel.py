@@ -19,12 +19,11 @@ Each is built once per CPU by `hardware.native_build`; None where it cannot be b
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.hardware.native_build import (
-    build_avx512_bf16_extension,
     build_extension,
     build_probed_extension,
 )
@@ -58,17 +57,19 @@ def bf16_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_dot_kernel() -> ModuleType | None:
-    return _linear_extension("dot", DOT_DECLARATIONS, build_avx512_bf16_extension)
+    return _linear_extension("dot", DOT_DECLARATIONS, cpu_has_path=detect_cpu().avx512_bf16)
 
 
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
-    return _linear_extension("packed", PACKED_DECLARATIONS, build_probed_extension)
+    return _linear_extension("packed", PACKED_DECLARATIONS, cpu_has_path=True)
 
 
-def _linear_extension(name: str, declarations: str, build: Callable) -> ModuleType | None:
-    """`csrc/bf16_<name>_linear.cpp` (with the packed tile's header before it) where
-    `build` can build it with its fast path, else None."""
+def _linear_extension(name: str, declarations: str, cpu_has_path: bool) -> ModuleType | None:
+    """`csrc/bf16_<name>_linear.cpp` (with the packed tile's header before it) where it
+    builds with its fast path, else None."""
     functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
     source = CSRC / f"bf16_{name}_linear.cpp"
-    return build(f"bf16_{name}", source, declarations, functions, PACKED_PRELUDE)
+    return build_probed_extension(
+        f"bf16_{name}", source, declarations, functions, PACKED_PRELUDE, cpu_has_path=cpu_has_path
+    )

@@ -20,7 +20,6 @@ import torch
 
 from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.hardware.native_build import (
-    build_avx512_bf16_extension,
     build_extension,
     build_probed_extension,
 )
@@ -72,7 +71,7 @@ def prefill_attention_kernel() -> ModuleType | None:
     cache where it has AVX2 only (`csrc/prefill_attention_avx2.cpp`); else None. Both
     expose `prefill_attention(q, k_cache, v_cache, slots, scale)`."""
     if detect_cpu().avx512_bf16:
-        return build_avx512_bf16_extension(
+        return build_probed_extension(
             "prefill_attention",
             PREFILL_SOURCE,
             PREFILL_DECLARATIONS,
@@ -92,12 +91,13 @@ def prefill_attention_kernel() -> ModuleType | None:
 def decode_attention_kernel() -> ModuleType | None:
     """bf16 decode attention with VDPBF16PS (`csrc/decode_attention_bf16.cpp`), where
     the CPU has AVX-512 BF16; else None."""
-    return build_avx512_bf16_extension(
+    return build_probed_extension(
         "decode_attention_bf16",
         DECODE_SOURCE,
         DECODE_DECLARATIONS,
         ["decode_attention_bf16_available", "decode_attention_bf16"],
         (ATTENTION_COMMON,),
+        cpu_has_path=detect_cpu().avx512_bf16,
     )
 
 

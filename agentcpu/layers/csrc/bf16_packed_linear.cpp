@@ -44,12 +44,8 @@ at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
 #ifdef AGENTCPU_PACKED
   const float* bp = io.bias;
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-#ifdef AGENTCPU_PACKED_AVX2
-  const at::Tensor x_wide = io.x2.to(at::kFloat);  // the AVX2 tile broadcasts fp32 activations
-  const float* xp = x_wide.data_ptr<float>();
-#else
-  const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
-#endif
+  const at::Tensor x_tile = tile_input(io);
+  const TileInput* xp = tile_input_ptr(x_tile);
   auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t blocks = N / kBlockRows;
   const int64_t tasks = (blocks + kBlocksPerTile - 1) / kBlocksPerTile;

@@ -47,6 +47,18 @@ inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::
   return io;
 }
 
+// The activations as the packed tile reads them: bf16 rows for VDPBF16PS; fp32 rows on
+// AVX2, whose tile broadcasts fp32 values (widened here, once per call for all threads).
+#ifdef AGENTCPU_PACKED_AVX2
+using TileInput = float;
+inline at::Tensor tile_input(const LinearIO& io) { return io.x2.to(at::kFloat); }
+#else
+using TileInput = uint16_t;
+inline at::Tensor tile_input(const LinearIO& io) { return io.x2; }
+#endif
+
+inline const TileInput* tile_input_ptr(const at::Tensor& x) { return static_cast<const TileInput*>(x.data_ptr()); }
+
 // The output in x's leading shape.
 inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -543,12 +543,8 @@ at::Tensor packed_matmul(const at::Tensor& x, int64_t N, int64_t K, const c10::o
   LinearIO io = linear_io(x, K, N, bias);
   const int64_t M = io.M;
   const float* bp = io.bias;
-#ifdef AGENTCPU_PACKED_AVX2
-  const at::Tensor x_wide = io.x2.to(at::kFloat);  // the AVX2 tile broadcasts fp32 activations
-  const float* xp = x_wide.data_ptr<float>();
-#else
-  const auto* xp = reinterpret_cast<const uint16_t*>(io.x2.data_ptr<at::BFloat16>());
-#endif
+  const at::Tensor x_tile = tile_input(io);
+  const TileInput* xp = tile_input_ptr(x_tile);
   auto* op = reinterpret_cast<uint16_t*>(io.out.data_ptr<at::BFloat16>());
   const int64_t tile_rows = kBlocksPerTile * kBlockRows;
   const int64_t tasks = (N + tile_rows - 1) / tile_rows;
