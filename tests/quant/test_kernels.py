@@ -68,10 +68,22 @@ def test_int8_gemv(batch, dtype, group):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("k", [256, 640])
 def test_int4_gemv(batch, dtype, group, symmetric, k):
-    """640 in_features at group 32: 20 offsets, a 16-wide step and a tail."""
+    """640 in_features: 10 chunks (two 4-chunk steps and a tail at group 32) and 20 / 10 / 5
+    groups, so the 8-wide offset steps end in a partial one."""
     w, x, b = _data(batch, k=k, dtype=dtype)
     q = formats.quantize_int4(w, group, symmetric)
     out = kernels().int4_linear_gemv(x, q.qweight, q.scales, q.offsets, b)
+    _assert_close(out, x, formats.dequantize_int4(q), b, quantized_acts=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 3])
+def test_int4_gemv_reads_no_scale_past_the_last_row(n):
+    """896 in_features at group 128: 7 groups a row. Rows whose 8-wide scale / offset read
+    would run past the tensor's end take the lane-by-lane path; the others are masked."""
+    w, x, b = _data(2, k=896, n=n)
+    q = formats.quantize_int4(w, 128, False)
+    out = kernels().int4_linear_gemv(x, q.qweight, q.scales.clone(), q.offsets.clone(), b)
     _assert_close(out, x, formats.dequantize_int4(q), b, quantized_acts=True)
 
 

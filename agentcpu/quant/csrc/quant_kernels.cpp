@@ -29,6 +29,13 @@ constexpr int kBlock = 32;      // activation quantization block (weights per fp
 constexpr int kChunk4 = 64;     // int4 weights per 32-byte load (two Q4_0 blocks)
 constexpr int kMaxTokens = 4;   // tokens sharing one pass over a weight row (registers)
 constexpr int64_t kRowGrain = 16;
+constexpr int64_t kMaxGroups = 2048;  // int4 groups per row (a row's scales go on the stack)
+// Software prefetch distance in bytes of weights (~2-4 rows of a K=896 layer). On Zen 3
+// the GEMV is close to compute-bound, so the hardware prefetcher alone leaves DRAM idle
+// while a row is multiplied: +10-18 % streaming rate measured (int4, 2 threads).
+constexpr int64_t kPrefetch = 2048;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -38,6 +45,20 @@ inline float hsum(__m256 v) {
 }
 
 inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
+
+// min(n, 8) fp16 values from p as fp32, zeros in the lanes past n. `readable`: whether all
+// 8 halves at p lie inside the tensor (then one load and a mask, else lane by lane).
+inline __m256 load_halves(const at::Half* p, int64_t n, bool readable) {
+  if (n >= 8 || readable) {
+    const __m256 v8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if (n >= 8) return v8;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_and_ps(v8, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane)));
+  }
+  alignas(32) float f[8] = {};
+  for (int64_t i = 0; i < n; ++i) f[i] = _cvtsh_ss(p[i].x);
+  return _mm256_load_ps(f);
+}
 
 // Sums of 4 adjacent u8 x s8 products, as int32. With VNNI (AVX512-VNNI + VL, or
 // AVX-VNNI) one instruction; on plain AVX2 maddubs (to s16 pairs; the operands here never
@@ -63,8 +84,12 @@ inline __m256i dot4_u8s8(__m256i a, __m256i b) {
 struct QuantActs {
   std::vector<int8_t> q;      // [B, K]
   std::vector<float> scales;  // int8: [B, K/32]; int4: [B, K/64, 8] (lane-wise scales)
-  std::vector<float> group_sums;  // int4: [B, K/group]
+  std::vector<float> group_sums;  // int4: [B, groups_stride(K/group)], zero past K/group
 };
+
+// Row stride of QuantActs::group_sums: the groups rounded up to 8, so the int4 kernel reads
+// them 8 at a time with zeros past the end.
+inline int64_t groups_stride(int64_t ngroups) { return (ngroups + 7) / 8 * 8; }
 
 // Sums of the *quantized* activations per weight group: then scale * dot(q, xq) +
 // offset * sum is exactly dot(w, dequantized x), with no cancellation error between them.
@@ -79,7 +104,7 @@ void compute_group_sums(QuantActs& a, int64_t t, int64_t K, int64_t group) {
       for (int i = 0; i < 16; ++i) isum += qc[i] + qc[i + 32];
       s += isum * a.scales[(t * nchunks + b / 2) * 8 + (b % 2) * 4];
     }
-    a.group_sums[t * (K / group) + g] = s;
+    a.group_sums[t * groups_stride(K / group) + g] = s;
   }
 }
 
@@ -121,7 +146,7 @@ QuantActs quantize_acts_typed(const at::Tensor& x, int64_t group, bool int4) {
   QuantActs a;
   a.q.resize(B * K);
   a.scales.resize(int4 ? B * nchunks * 8 : B * nblocks);
-  if (int4) a.group_sums.resize(B * (K / group));
+  if (int4) a.group_sums.assign(B * groups_stride(K / group), 0.f);
   at::parallel_for(0, B, 1, [&](int64_t t_begin, int64_t t_end) {
     alignas(32) int8_t tmp[kBlock];
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -154,20 +179,24 @@ QuantActs quantize_acts(const at::Tensor& x, int64_t group, bool int4) {
 
 // Dot of one int8 weight row with NT quantized tokens. PerChannel: one weight scale,
 // applied once at the end; else one per group, folded into each block's scale.
+// For 1-2 tokens two accumulators per token alternate blocks, so the FMA latency chain
+// does not bound a row (K = 896 is only 28 blocks).
 template <int NT, bool PerChannel>
 void int8_row(const int8_t* w, const float* wscale, int64_t K, int64_t group,
               const QuantActs& a, int64_t t0, float* out, int64_t out_stride) {
+  constexpr int kAcc = NT <= 2 ? 2 : 1;
   const int64_t nblocks = K / kBlock, blocks_per_group = group / kBlock;
   const float* xs[NT];
-  __m256 acc[NT];
+  __m256 acc[kAcc][NT];
   for (int j = 0; j < NT; ++j) {
-    acc[j] = _mm256_setzero_ps();
+    for (int u = 0; u < kAcc; ++u) acc[u][j] = _mm256_setzero_ps();
     xs[j] = a.scales.data() + (t0 + j) * nblocks;
   }
-  for (int64_t b = 0; b < nblocks; ++b) {
+  auto block = [&](int64_t b, __m256* acc_u) {
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
     const __m256i aw = _mm256_abs_epi8(wv);  // |w| as u8: -128 -> 128 stays exact
-    const __m256 ws = _mm256_set1_ps(PerChannel ? 1.f : wscale[b / blocks_per_group]);
+    // (Q8_0 has a scale per block: skip the division there)
+    const __m256 ws = _mm256_set1_ps(PerChannel ? 1.f : wscale[blocks_per_group == 1 ? b : b / blocks_per_group]);
     for (int j = 0; j < NT; ++j) {
       const int8_t* xq = a.q.data() + (t0 + j) * K + b * kBlock;
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
@@ -175,10 +204,20 @@ void int8_row(const int8_t* w, const float* wscale, int64_t K, int64_t group,
       const __m256i p = dot4_u8s8(aw, sx);
       __m256 s = _mm256_broadcast_ss(xs[j] + b);
       if (!PerChannel) s = _mm256_mul_ps(s, ws);
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[j]);
+      acc_u[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc_u[j]);
     }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nblocks; b += 2) {  // one 64-byte line per step
+    prefetch(w + b * kBlock + kPrefetch);
+    block(b, acc[0]);
+    block(b + 1, acc[kAcc - 1]);
   }
-  for (int j = 0; j < NT; ++j) out[j * out_stride] = hsum(acc[j]) * (PerChannel ? wscale[0] : 1.f);
+  if (b < nblocks) block(b, acc[0]);
+  for (int j = 0; j < NT; ++j) {
+    const __m256 sum = kAcc == 2 ? _mm256_add_ps(acc[0][j], acc[kAcc - 1][j]) : acc[0][j];
+    out[j * out_stride] = hsum(sum) * (PerChannel ? wscale[0] : 1.f);
+  }
 }
 
 // One 64-weight int4 chunk (two Q4_0 blocks, 32 bytes) against 64 permuted int8
@@ -206,62 +245,91 @@ inline __m256 int4_chunk_dot(const Int4Chunk& c, const int8_t* xq) {
   return _mm256_cvtepi32_ps(p);
 }
 
-// Dot of one int4 weight row with NT quantized tokens (offset term included).
-template <int NT>
-void int4_row(const uint8_t* w, const at::Half* scales, const at::Half* offsets, int64_t K,
-              int64_t group, const QuantActs& a, int64_t t0, float* out, int64_t out_stride) {
-  const int64_t nchunks = K / kChunk4, ngroups = K / group;
-  const int8_t* xq[NT];
-  const float* xs[NT];
-  __m256 acc[NT];
-  for (int j = 0; j < NT; ++j) {
-    xq[j] = a.q.data() + (t0 + j) * K;
-    xs[j] = a.scales.data() + (t0 + j) * nchunks * 8;
-    acc[j] = _mm256_setzero_ps();
-  }
-  if (group == kBlock) {  // two groups per chunk: lanes 0-3 take scale 2c, lanes 4-7 2c+1
-    const __m256i pick = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const Int4Chunk chunk = load_int4_chunk(w + c * 32);
-      int32_t two_halves;
-      std::memcpy(&two_halves, scales + 2 * c, sizeof(two_halves));
-      const __m128 s01 = _mm_cvtph_ps(_mm_cvtsi32_si128(two_halves));
-      const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s01), pick);
-      for (int j = 0; j < NT; ++j) {
-        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xs[j] + c * 8), ws);
-        acc[j] = _mm256_fmadd_ps(int4_chunk_dot(chunk, xq[j] + c * kChunk4), s, acc[j]);
-      }
-    }
-  } else {  // whole chunks per group: sum a group with activation scales, then scale it
-    const int64_t chunks_per_group = group / kChunk4;
-    for (int64_t g = 0; g < ngroups; ++g) {
-      __m256 acc_group[NT];
-      for (int j = 0; j < NT; ++j) acc_group[j] = _mm256_setzero_ps();
-      for (int64_t c = g * chunks_per_group; c < (g + 1) * chunks_per_group; ++c) {
-        const Int4Chunk chunk = load_int4_chunk(w + c * 32);
-        for (int j = 0; j < NT; ++j)
-          acc_group[j] = _mm256_fmadd_ps(int4_chunk_dot(chunk, xq[j] + c * kChunk4),
-                                         _mm256_loadu_ps(xs[j] + c * 8), acc_group[j]);
-      }
-      const __m256 ws = _mm256_set1_ps(half_to_float(scales[g]));
-      for (int j = 0; j < NT; ++j) acc[j] = _mm256_fmadd_ps(acc_group[j], ws, acc[j]);
-    }
-  }
-  // offset term: sum over groups of offset * (sum of the group's dequantized activations)
-  int64_t g = 0;
-  for (; g + 8 <= ngroups; g += 8) {
-    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + g)));
-    for (int j = 0; j < NT; ++j)
-      acc[j] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a.group_sums.data() + (t0 + j) * ngroups + g), acc[j]);
-  }
-  for (int j = 0; j < NT; ++j) {
-    float r = hsum(acc[j]);
-    const float* gs = a.group_sums.data() + (t0 + j) * ngroups;
-    for (int64_t h = g; h < ngroups; ++h) r += half_to_float(offsets[h]) * gs[h];
-    out[j * out_stride] = r;
-  }
+// Group-32 scales of chunks c..c+3 (8 fp16 -> fp32 in one conversion); `spread(v, i)`
+// gives chunk c+i's [s_2i x4, s_2i+1 x4], the lane layout of int4_chunk_dot.
+inline __m256 spread_scales(__m256 s8, int i) {
+  return _mm256_permutevar8x32_ps(s8, _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1,
+                                                        2 * i + 1, 2 * i + 1, 2 * i + 1));
 }
 
+// Shape of an int4 layer, worked out once per call (no divisions per row).
+struct Int4Layer {
+  const uint8_t* w;
+  const at::Half* scales;
+  const at::Half* offsets;
+  int64_t N, K, ngroups, group, nchunks, gstride;
+  int chunk_shift;  // log2(chunks per group) for group >= 64
+  // whether the 8 halves from element g of row n's scales / offsets lie inside the tensor
+  bool readable(int64_t n, int64_t g) const { return (n * ngroups + g + 8) <= N * ngroups; }
+};
+
+// Dot of int4 weight row n with NT quantized tokens (offset term included). As in
+// int8_row, 1-2 tokens use two accumulators per token (even / odd chunks).
+template <int NT>
+void int4_row(const Int4Layer& L, int64_t n, const QuantActs& a, int64_t t0, float* out) {
+  constexpr int kAcc = NT <= 2 ? 2 : 1;
+  const uint8_t* w = L.w + n * (L.K / 2);
+  const at::Half* scales = L.scales + n * L.ngroups;
+  const at::Half* offsets = L.offsets + n * L.ngroups;
+  const int64_t nchunks = L.nchunks, ngroups = L.ngroups;
+  const int8_t* xq[NT];
+  const float* xs[NT];
+  __m256 acc[kAcc][NT];
+  for (int j = 0; j < NT; ++j) {
+    xq[j] = a.q.data() + (t0 + j) * L.K;
+    xs[j] = a.scales.data() + (t0 + j) * nchunks * 8;
+    for (int u = 0; u < kAcc; ++u) acc[u][j] = _mm256_setzero_ps();
+  }
+  // one chunk, its weight scale(s) already spread over the lanes
+  auto chunk = [&](int64_t c, __m256 ws, __m256* acc_u) {
+    const Int4Chunk ch = load_int4_chunk(w + c * 32);
+    for (int j = 0; j < NT; ++j) {
+      const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xs[j] + c * 8), ws);
+      acc_u[j] = _mm256_fmadd_ps(int4_chunk_dot(ch, xq[j] + c * kChunk4), s, acc_u[j]);
+    }
+  };
+  if (L.group == kBlock) {  // two groups per chunk: lanes 0-3 take scale 2c, lanes 4-7 2c+1
+    int64_t c = 0;
+    for (; c + 4 <= nchunks; c += 4) {
+      prefetch(w + c * 32 + kPrefetch);
+      prefetch(w + c * 32 + kPrefetch + 64);
+      const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * c)));
+      chunk(c, spread_scales(s8, 0), acc[0]);
+      chunk(c + 1, spread_scales(s8, 1), acc[kAcc - 1]);
+      chunk(c + 2, spread_scales(s8, 2), acc[0]);
+      chunk(c + 3, spread_scales(s8, 3), acc[kAcc - 1]);
+    }
+    for (; c < nchunks; ++c) {
+      int32_t two_halves;
+      std::memcpy(&two_halves, scales + 2 * c, sizeof(two_halves));
+      chunk(c, spread_scales(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(two_halves))), 0),
+            acc[0]);
+    }
+  } else {  // 64, 128, ...: the row's scales go to fp32 once, one scale in all lanes
+    alignas(32) float scale_f[kMaxGroups + 8];
+    for (int64_t g = 0; g < ngroups; g += 8)
+      _mm256_store_ps(scale_f + g, load_halves(scales + g, ngroups - g, L.readable(n, g)));
+    int64_t c = 0;
+    for (; c + 2 <= nchunks; c += 2) {
+      prefetch(w + c * 32 + kPrefetch);
+      chunk(c, _mm256_broadcast_ss(scale_f + (c >> L.chunk_shift)), acc[0]);
+      chunk(c + 1, _mm256_broadcast_ss(scale_f + ((c + 1) >> L.chunk_shift)), acc[kAcc - 1]);
+    }
+    if (c < nchunks) chunk(c, _mm256_broadcast_ss(scale_f + (c >> L.chunk_shift)), acc[0]);
+  }
+  // offset term: sum over groups of offset * (sum of the group's dequantized activations);
+  // 8 groups per step, the last one zero-padded (K = 896 has 7 groups of 128)
+  for (int64_t g = 0; g < ngroups; g += 8) {
+    const __m256 m = load_halves(offsets + g, ngroups - g, L.readable(n, g));
+    for (int j = 0; j < NT; ++j)
+      acc[0][j] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a.group_sums.data() + (t0 + j) * L.gstride + g), acc[0][j]);
+  }
+  for (int j = 0; j < NT; ++j)
+    out[j] = hsum(kAcc == 2 ? _mm256_add_ps(acc[0][j], acc[kAcc - 1][j]) : acc[0][j]);
+}
+
+// Calls row(n, t0, nt) for every output row n and run of up to kMaxTokens tokens; each
+// thread takes one contiguous range of rows, so its weights are one sequential stream.
 template <typename RowFn>
 void for_rows_and_tokens(int64_t N, int64_t B, RowFn row) {
   at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
@@ -365,24 +433,24 @@ at::Tensor int4_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
   const int64_t group = K / G;
   check_x(x, K, kChunk4);
   TORCH_CHECK(group % kBlock == 0, "int4 group size must be a multiple of ", kBlock);
-  TORCH_CHECK(group == kBlock || group % kChunk4 == 0, "int4 group must be 32 or a multiple of 64");
+  TORCH_CHECK(group == kBlock || (group % kChunk4 == 0 && ((group / kChunk4) & (group / kChunk4 - 1)) == 0),
+              "int4 group must be 32 or 64 times a power of two, got ", group);
+  TORCH_CHECK(G <= kMaxGroups, "int4 GEMV takes at most ", kMaxGroups, " groups per row, got ", G);
   const at::Tensor x2 = input_2d(x);
   const int64_t B = x2.size(0);
   const QuantActs a = quantize_acts(x2, group, true);
   at::Tensor bias_keep;
   auto [out, write] = make_output(x, x2, N, bias, bias_keep);
-  const uint8_t* wp = qweight.data_ptr<uint8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const at::Half* mp = offsets.data_ptr<at::Half>();
+  Int4Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offsets.data_ptr<at::Half>(),
+              N, K, G, group, K / kChunk4, groups_stride(G), 0};
+  while ((kChunk4 << L.chunk_shift) < group) ++L.chunk_shift;
   for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
-    const uint8_t* w = wp + n * K / 2;
-    const at::Half *s = sp + n * G, *m = mp + n * G;
     float r[kMaxTokens];
     switch (nt) {
-      case 4: int4_row<4>(w, s, m, K, group, a, t0, r, 1); break;
-      case 3: int4_row<3>(w, s, m, K, group, a, t0, r, 1); break;
-      case 2: int4_row<2>(w, s, m, K, group, a, t0, r, 1); break;
-      default: int4_row<1>(w, s, m, K, group, a, t0, r, 1);
+      case 4: int4_row<4>(L, n, a, t0, r); break;
+      case 3: int4_row<3>(L, n, a, t0, r); break;
+      case 2: int4_row<2>(L, n, a, t0, r); break;
+      default: int4_row<1>(L, n, a, t0, r);
     }
     for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
   });
