@@ -58,6 +58,8 @@ def paged_attention(
     """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D]; writes k/v to the cache."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.num_decode == q.shape[0] and not meta.prefills:  # a pure decode step: no copy
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decode:
         out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)

@@ -23,7 +23,7 @@ from agentcpu.hardware.native_build import (
     build_extension,
     build_probed_extension,
 )
-from agentcpu.layers.bf16_kernel import AVX2_MATH
+from agentcpu.layers.bf16_kernel import AVX2_MATH, TENSOR_ROWS
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -61,7 +61,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def fused() -> ModuleType | None:
-    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH,))
+    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH, TENSOR_ROWS))
 
 
 @functools.cache

@@ -197,6 +197,24 @@ def test_gemv_reads_strided_and_half_inputs():
         assert ((out.float() - ref).abs() <= tol).all()
 
 
+@needs_kernels
+def test_gemv_bias_in_any_dtype_and_layout():
+    """The GEMV reads an fp32 or bf16 bias as it is and converts any other (fp16, strided);
+    every form adds the same values. A bias of the wrong length is refused."""
+    w, x, b = _data(3, bias=True)
+    b = b.bfloat16()
+    q = formats.quantize_int4(w, 32, False)
+    k = kernels()
+    ref = k.int4_linear_gemv(x, q.qweight, q.scales, q.offsets, b.float())
+    strided = torch.stack([b, b], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    for bias in (b, b.half(), strided):
+        out = k.int4_linear_gemv(x, q.qweight, q.scales, q.offsets, bias)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="bias has 71 values"):
+        k.int4_linear_gemv(x, q.qweight, q.scales, q.offsets, b[:71])
+
+
 needs_packed = pytest.mark.skipif(
     not ops.packed_path(), reason="no packed batch path here (AVX-512 BF16 or AVX2)"
 )

@@ -8,6 +8,7 @@
 // one 64-byte line holds 2 k values of 16 weight rows, and a 16-row block is one
 // contiguous run of K * 32 bytes.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +29,7 @@ namespace agentcpu_packed {
 // output [M, N], and the bias in fp32 (null without one), checked against N.
 struct LinearIO {
   at::Tensor x2, out, bias_f;
+  std::vector<float> bias_buf;  // a bf16 bias widened without a dispatched op
   const float* bias = nullptr;
   int64_t M = 0;
 };
@@ -36,13 +38,21 @@ inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "input must be bf16");
   TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
   LinearIO io;
-  io.x2 = x.reshape({-1, K}).contiguous();
+  io.x2 = agentcpu_rows::as_rows(x);
   io.M = io.x2.size(0);
   io.out = at::empty({io.M, N}, io.x2.options());
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
-    io.bias_f = bias->to(at::kFloat).contiguous();
-    io.bias = io.bias_f.data_ptr<float>();
+    if (bias->is_contiguous() && bias->scalar_type() == at::kFloat) {
+      io.bias = bias->data_ptr<float>();
+    } else if (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16) {
+      const at::BFloat16* b = bias->data_ptr<at::BFloat16>();
+      io.bias_buf.assign(b, b + N);  // element-wise bf16 -> float
+      io.bias = io.bias_buf.data();
+    } else {
+      io.bias_f = bias->to(at::kFloat).contiguous();
+      io.bias = io.bias_f.data_ptr<float>();
+    }
   }
   return io;
 }
@@ -51,7 +61,22 @@ inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::
 // AVX2, whose tile broadcasts fp32 values (widened here, once per call for all threads).
 #ifdef AGENTCPU_PACKED_AVX2
 using TileInput = float;
-inline at::Tensor tile_input(const LinearIO& io) { return io.x2.to(at::kFloat); }
+// Widened here rather than by `to(kFloat)`: that is four dispatched ops a call.
+inline at::Tensor tile_input(const LinearIO& io) {
+  at::Tensor wide = at::empty(io.x2.sizes(), io.x2.options().dtype(at::kFloat));
+  const uint16_t* src = static_cast<const uint16_t*>(io.x2.data_ptr());
+  float* dst = wide.data_ptr<float>();
+  const int64_t n = io.x2.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(dst + i, agentcpu_avx2::widen_bf16(src + i));
+    for (; i < i1; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(dst + i, &bits, sizeof(float));
+    }
+  });
+  return wide;
+}
 #else
 using TileInput = uint16_t;
 inline at::Tensor tile_input(const LinearIO& io) { return io.x2; }
@@ -60,11 +85,7 @@ inline at::Tensor tile_input(const LinearIO& io) { return io.x2; }
 inline const TileInput* tile_input_ptr(const at::Tensor& x) { return static_cast<const TileInput*>(x.data_ptr()); }
 
 // The output in x's leading shape.
-inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out.size(1);
-  return out.reshape(shape);
-}
+inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) { return agentcpu_rows::like_rows(out, x); }
 
 
 constexpr int64_t kBlockRows = 16;   // rows per packed block (one zmm of outputs)

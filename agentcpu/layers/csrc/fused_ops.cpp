@@ -384,11 +384,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype must match x");
   const int64_t D = x.size(-1);
   TORCH_CHECK(weight.numel() == D, "weight has ", weight.numel(), " elements, rows have ", D);
-  const at::Tensor x2 = x.reshape({-1, D}).contiguous();
+  const at::Tensor x2 = agentcpu_rows::as_rows(x);
   at::Tensor out = at::empty_like(x2);
   if (x.scalar_type() == at::kFloat) rms_norm_impl<float>(x2, weight.contiguous(), eps, out);
   else rms_norm_impl<at::BFloat16>(x2, weight.contiguous(), eps, out);
-  return out.view(x.sizes());
+  return agentcpu_rows::like_rows(out, x);
 }
 
 // In place on q [T, H, D] and k [T, KVH, D] (views with contiguous last dim, e.g. slices
@@ -419,14 +419,12 @@ void rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& co
 // gate_up [T, 2I] (gate first) -> silu(gate) * up [T, I]
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_float_or_bf16(gate_up, "gate_up");
-  const at::Tensor g = gate_up.reshape({-1, gate_up.size(-1)}).contiguous();
+  const at::Tensor g = agentcpu_rows::as_rows(gate_up);
   TORCH_CHECK(g.size(1) % 2 == 0, "gate_up must have an even last dim");
   at::Tensor out = at::empty({g.size(0), g.size(1) / 2}, g.options());
   if (g.scalar_type() == at::kFloat) silu_mul_impl<float>(g, out);
   else silu_mul_impl<at::BFloat16>(g, out);
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() /= 2;
-  return out.view(shape);
+  return agentcpu_rows::like_rows(out, gate_up);
 }
 
 // q [B, H, D] (last dim contiguous); caches [S, KVH, D] contiguous; slots int64 [B, L]

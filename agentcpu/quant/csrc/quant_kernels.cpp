@@ -340,25 +340,30 @@ void for_rows_and_tokens(int64_t N, int64_t B, RowFn row) {
 
 // [B, K] contiguous view of x; fp32 and bf16 are read as they are, other dtypes as fp32
 at::Tensor input_2d(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  if (x2.scalar_type() != at::kFloat && x2.scalar_type() != at::kBFloat16) x2 = x2.to(at::kFloat);
-  return x2.contiguous();
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16)
+    return agentcpu_rows::as_rows(x).to(at::kFloat);
+  return agentcpu_rows::as_rows(x);
 }
 
 // Writes y[t, n] = v + bias[n] in the activation dtype (no separate cast / add pass).
+// A contiguous fp32 or bf16 bias is read as it is: a conversion per call would be one
+// more torch op in every decode step's qkv projection.
 struct OutputWriter {
   float* f = nullptr;
   at::BFloat16* b = nullptr;
   const float* bias = nullptr;
+  const at::BFloat16* bias_bf16 = nullptr;
   int64_t N = 0;
   void operator()(int64_t t, int64_t n, float v) const {
     if (bias) v += bias[n];
+    else if (bias_bf16) v += static_cast<float>(bias_bf16[n]);
     if (f) f[t * N + n] = v;
     else b[t * N + n] = at::BFloat16(v);
   }
 };
 
-// The output in x's shape (last dim N) and dtype, and a writer for it.
+// The output in x's shape (last dim N) and dtype, and a writer for it. `bias_keep` holds
+// a converted bias (dtypes other than fp32 / bf16, or a strided one) alive.
 std::pair<at::Tensor, OutputWriter> make_output(const at::Tensor& x, const at::Tensor& x2, int64_t N,
                                                 const c10::optional<at::Tensor>& bias,
                                                 at::Tensor& bias_keep) {
@@ -370,8 +375,15 @@ std::pair<at::Tensor, OutputWriter> make_output(const at::Tensor& x, const at::T
   if (x2.scalar_type() == at::kBFloat16) w.b = out.data_ptr<at::BFloat16>();
   else w.f = out.data_ptr<float>();
   if (bias.has_value()) {
-    bias_keep = bias->to(at::kFloat).contiguous();
-    w.bias = bias_keep.data_ptr<float>();
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, the layer ", N, " outputs");
+    if (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16) {
+      w.bias_bf16 = bias->data_ptr<at::BFloat16>();
+    } else if (bias->is_contiguous() && bias->scalar_type() == at::kFloat) {
+      w.bias = bias->data_ptr<float>();
+    } else {
+      bias_keep = bias->to(at::kFloat).contiguous();
+      w.bias = bias_keep.data_ptr<float>();
+    }
   }
   return {out, w};
 }
