@@ -56,8 +56,11 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] -> attention output [T, H, D]; writes k/v to the cache."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if k.dtype == k_cache.dtype and (ops := fused_for(k)) is not None:
+        ops.kv_write(k_cache, v_cache, meta.slot_mapping, k, v)
+    else:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == q.shape[0] and not meta.prefills:  # a pure decode step: no copy
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)

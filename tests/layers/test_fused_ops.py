@@ -115,3 +115,26 @@ def test_decode_attention_rejects_a_bad_length():
     with pytest.raises(RuntimeError, match="context length"):
         fused().decode_attention(torch.zeros(1, 1, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long),
                                  torch.tensor([5]), 1.0)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_matches_index_copy(dtype):
+    """k / v as the model makes them (views into one fused qkv row per token), written
+    where index_copy_ writes them; a strided view takes index_copy_ inside the op."""
+    ops = fused()
+    g = torch.Generator().manual_seed(0)
+    T, KVH, D, S = 5, 2, 64, 40
+    qkv = torch.randn(T, 4 * KVH * D, generator=g).to(dtype)
+    k = qkv[:, 2 * KVH * D : 3 * KVH * D].view(T, KVH, D)
+    v = qkv[:, 3 * KVH * D :].view(T, KVH, D)
+    slots = torch.tensor([7, 0, 39, 12, 13])
+    want_k, want_v = torch.zeros(S, KVH, D, dtype=dtype), torch.zeros(S, KVH, D, dtype=dtype)
+    want_k.index_copy_(0, slots, k)
+    want_v.index_copy_(0, slots, v)
+    for kk, vv in ((k, v), (k.transpose(0, 1).contiguous().transpose(0, 1), v)):
+        got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+        ops.kv_write(got_k, got_v, slots, kk, vv)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    with pytest.raises(RuntimeError, match="slot 40 is outside the cache's 40 slots"):
+        ops.kv_write(got_k, got_v, torch.tensor([1, 2, 3, 4, 40]), k, v)
