@@ -47,6 +47,7 @@ PACKED_DECLARATIONS = """
 bool bf16_packed_available();
 at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed,
     const c10::optional<at::Tensor>& bias);
+int64_t bf16_packed_amx_min_rows(int64_t rows);
 """
 
 
@@ -64,13 +65,17 @@ def bf16_dot_kernel() -> ModuleType | None:
 
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
-    return _linear_extension("packed", PACKED_DECLARATIONS, cpu_has_path=True)
+    return _linear_extension(
+        "packed", PACKED_DECLARATIONS, cpu_has_path=True, extra=["bf16_packed_amx_min_rows"]
+    )
 
 
-def _linear_extension(name: str, declarations: str, cpu_has_path: bool) -> ModuleType | None:
+def _linear_extension(
+    name: str, declarations: str, cpu_has_path: bool, extra: list[str] | None = None
+) -> ModuleType | None:
     """`csrc/bf16_<name>_linear.cpp` (with the packed tile's header before it) where it
     builds with its fast path, else None."""
-    functions = [f"bf16_{name}_available", f"bf16_{name}_linear"]
+    functions = [f"bf16_{name}_available", f"bf16_{name}_linear", *(extra or [])]
     source = CSRC / f"bf16_{name}_linear.cpp"
     return build_probed_extension(
         f"bf16_{name}", source, declarations, functions, PACKED_PRELUDE, cpu_has_path=cpu_has_path

@@ -168,3 +168,30 @@ def test_nothing_is_swapped_without_the_kernel(monkeypatch):
     monkeypatch.setattr(packed_linear, "bf16_packed_kernel", lambda: None)
     model = torch.nn.Sequential(_linear(32, 64, False))
     assert pack_linears(model) == 0 and isinstance(model[0], Linear)
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 7, 15, 16, 17, 33, 64, 129])
+def test_amx_tiles_and_vector_path_agree_with_the_reference(rows):
+    """Where the CPU has AMX, products of `bf16_packed_amx_min_rows` rows or more run on
+    tiles: 1, 2 and 3 blocks (pairs and a single), one or two 16-token tiles and a
+    zero-padded partial one. Both paths are forced here at every row count."""
+    kernel = bf16_packed_kernel()
+    previous = kernel.bf16_packed_amx_min_rows(-1)
+    if previous < 0:
+        pytest.skip("this CPU has no AMX tiles")
+    gen = torch.Generator().manual_seed(rows)
+    try:
+        for n, k in [(16, 32), (48, 64), (80, 896), (32, 4864)]:
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            w = (torch.randn(n, k, generator=gen) * 0.1).bfloat16()
+            b = torch.randn(n, generator=gen).bfloat16()
+            outs = []
+            for threshold in (1, 1 << 40):  # tiles, then the VDPBF16PS tile
+                kernel.bf16_packed_amx_min_rows(threshold)
+                out = kernel.bf16_packed_linear(x, pack_weight(w), b)
+                _assert_close(out, _reference(x, w, b))
+                outs.append(out.float())
+            assert torch.allclose(outs[0], outs[1], rtol=1e-2, atol=1e-2 * outs[1].abs().max().item())
+    finally:
+        kernel.bf16_packed_amx_min_rows(previous)

@@ -31,6 +31,18 @@ bool bf16_packed_available() {
 #endif
 }
 
+// Products of at least this many rows run on AMX tiles where the CPU has them (-1: no
+// AMX in this build); returns the previous value. `rows` < 0 only reads it.
+int64_t bf16_packed_amx_min_rows(int64_t rows) {
+#ifdef AGENTCPU_PACKED_AMX
+  if (!amx_granted()) return -1;
+  return rows < 0 ? amx_min_rows().load() : amx_min_rows().exchange(rows);
+#else
+  (void)rows;
+  return -1;
+#endif
+}
+
 // x: [..., K] bf16; packed: bf16 [N / 16, K / 2, 16, 2]; bias: [N] or None.
 // Returns [..., N] bf16 (fp32 accumulation, bias added in fp32, one rounding).
 at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {

@@ -14,6 +14,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <atomic>
+#include <cstdlib>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define AGENTCPU_PACKED_BF16 1  // the tile multiplies bf16 pairs with VDPBF16PS
@@ -143,10 +147,146 @@ inline void tile_tokens(int T, const uint16_t* w, int64_t K2, const uint16_t* x,
   }
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define AGENTCPU_PACKED_AMX 1
+
+// AMX (Sapphire Rapids and later). The packed layout is already the B operand of
+// TDPBF16PS: 16 k pairs x 16 rows x 2 k of one block are 1 KB at a 64-byte stride, so a
+// B tile loads straight from the weight; the A tile is 16 token rows x 32 k loaded
+// straight from x (row stride K * 2). C tiles are 16 tokens x 16 output rows in fp32.
+// Register plan (8 tiles): 2 token tiles x 2 blocks = 4 C, 2 A, 2 B; each 32-wide k step
+// loads 4 KB and issues 4 TDPBF16PS. Tokens past M are read from a zero-padded copy of
+// the last partial 16-token tile, so every tile is 16 rows and one configuration serves.
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxK = 32;  // bf16 per tile row (64 bytes)
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands the AMX tile state only to a process that asks for it (once).
+inline bool amx_granted() {
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+inline void amx_configure() {
+  AmxTileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = kAmxRows;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C tile (16 tokens x 16 outputs, fp32) + bias -> bf16 rows of out, for `tokens` rows.
+inline void amx_store(const float* c, int64_t tokens, uint16_t* out, int64_t N, const float* bias) {
+  const __m512 b = bias != nullptr ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < tokens; ++t)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * N),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(c + t * 16), b))));
+}
+
+// Token tiles tile0 (and tile0 + 1 where TT == 2) against blocks b (and b + 1 where
+// RB == 2). `a(t)`: the first row of token tile t (x itself, or the padded tail).
+template <int RB, int TT, typename RowsOf>
+inline void amx_tile(const uint16_t* packed, int64_t K, int64_t b, int64_t tile0, int64_t M, RowsOf a,
+                     uint16_t* out, int64_t N, const float* bias) {
+  const int64_t block_stride = K * kBlockRows, a_stride = K * 2, ksteps = K / kAmxK;
+  const uint16_t* w0 = packed + b * block_stride;
+  const uint16_t* w1 = w0 + block_stride;
+  const uint16_t* a0 = a(tile0);
+  const uint16_t* a1 = TT == 2 ? a(tile0 + 1) : a0;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t ks = 0; ks < ksteps; ++ks) {
+    _tile_loadd(4, a0 + ks * kAmxK, a_stride);
+    _tile_loadd(6, w0 + ks * kAmxK * kBlockRows, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (TT == 2) {
+      _tile_loadd(5, a1 + ks * kAmxK, a_stride);
+      _tile_dpbf16ps(1, 5, 6);
+    }
+    if (RB == 2) {
+      _tile_loadd(7, w1 + ks * kAmxK * kBlockRows, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if (TT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float c[kAmxRows * kBlockRows];
+  for (int tt = 0; tt < TT; ++tt) {
+    const int64_t t0 = (tile0 + tt) * kAmxRows, tokens = std::min(kAmxRows, M - t0);
+    for (int rb = 0; rb < RB; ++rb) {
+      switch (rb * 2 + tt) {  // tile numbers are immediates
+        case 0: _tile_stored(0, c, 64); break;
+        case 1: _tile_stored(1, c, 64); break;
+        case 2: _tile_stored(2, c, 64); break;
+        default: _tile_stored(3, c, 64);
+      }
+      amx_store(c, tokens, out + t0 * N + (b + rb) * kBlockRows, N,
+                bias != nullptr ? bias + (b + rb) * kBlockRows : nullptr);
+    }
+  }
+}
+
+// Blocks [b0, b1) against all M tokens on tiles (K % 32 == 0). `out` and `bias` are
+// indexed from block 0, as in `blocks_range`.
+inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
+                             int64_t N, const float* bias, int64_t b0, int64_t b1) {
+  const int64_t full = M / kAmxRows, tiles = (M + kAmxRows - 1) / kAmxRows;
+  std::vector<uint16_t> tail;
+  if (tiles > full) {
+    tail.assign(kAmxRows * K, 0);
+    std::memcpy(tail.data(), x + full * kAmxRows * K, (M - full * kAmxRows) * K * sizeof(uint16_t));
+  }
+  auto rows_of = [&](int64_t t) { return t < full ? x + t * kAmxRows * K : tail.data(); };
+  amx_configure();
+  for (int64_t b = b0; b < b1; b += 2) {
+    const bool two = b + 1 < b1;
+    for (int64_t t = 0; t < tiles; t += 2) {
+      if (t + 1 < tiles) {
+        if (two) amx_tile<2, 2>(packed, K, b, t, M, rows_of, out, N, bias);
+        else amx_tile<1, 2>(packed, K, b, t, M, rows_of, out, N, bias);
+      } else {
+        if (two) amx_tile<2, 1>(packed, K, b, t, M, rows_of, out, N, bias);
+        else amx_tile<1, 1>(packed, K, b, t, M, rows_of, out, N, bias);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// From this many tokens a product goes to the tiles (measured, docs/kernels.md);
+// `AGENTCPU_AMX_MIN_ROWS` sets it at start, `set_amx_min_rows` at run time (benchmarks,
+// tests). One value per compiled module.
+inline std::atomic<int64_t>& amx_min_rows() {
+  static std::atomic<int64_t> rows{[] {
+    const char* env = std::getenv("AGENTCPU_AMX_MIN_ROWS");
+    return env != nullptr ? std::atoll(env) : int64_t{1};
+  }()};
+  return rows;
+}
+#endif  // AMX
+
 // Blocks [b0, b1) against all M tokens: panels of 128 tokens, each split into near-equal
 // groups of at most 6 (8 = 4 + 4: a small group pays the same weight loads for less).
 void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
                   int64_t N, const float* bias, int64_t b0, int64_t b1) {
+#ifdef AGENTCPU_PACKED_AMX
+  if (M >= amx_min_rows().load(std::memory_order_relaxed) && K % kAmxK == 0 && amx_granted()) {
+    amx_blocks_range(packed, K, x, M, out, N, bias, b0, b1);
+    return;
+  }
+#endif
   const int64_t K2 = K / 2, block_stride = K2 * 2 * kBlockRows;
   for (int64_t p0 = 0; p0 < M; p0 += kPanelTokens) {
     const int64_t panel = std::min(kPanelTokens, M - p0);
