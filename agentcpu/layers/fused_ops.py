@@ -23,7 +23,7 @@ from agentcpu.hardware.native_build import (
     build_extension,
     build_probed_extension,
 )
-from agentcpu.layers.bf16_kernel import AVX2_MATH, TENSOR_ROWS
+from agentcpu.layers.bf16_kernel import AMX_TILES, AVX2_MATH, TENSOR_ROWS
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -43,6 +43,7 @@ PREFILL_DECLARATIONS = """
 bool prefill_attention_available();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, double scale);
+int64_t prefill_attention_uses_amx(int64_t use);
 """
 PREFILL_AVX2_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention_avx2.cpp"
 PREFILL_AVX2_DECLARATIONS = """
@@ -68,8 +69,8 @@ def fused() -> ModuleType | None:
 
 @functools.cache
 def prefill_attention_kernel() -> ModuleType | None:
-    """Causal attention of a bf16 prefill chunk over its paged context: VDPBF16PS where
-    the CPU has AVX-512 BF16 (`csrc/prefill_attention.cpp`), fp32 FMAs on the widened
+    """Causal attention of a bf16 prefill chunk over its paged context: AMX tiles or
+    VDPBF16PS where the CPU has AVX-512 BF16 (`csrc/prefill_attention.cpp`), fp32 FMAs on the widened
     cache where it has AVX2 only (`csrc/prefill_attention_avx2.cpp`); else None. Both
     expose `prefill_attention(q, k_cache, v_cache, slots, scale)`."""
     if detect_cpu().avx512_bf16:
@@ -77,8 +78,8 @@ def prefill_attention_kernel() -> ModuleType | None:
             "prefill_attention",
             PREFILL_SOURCE,
             PREFILL_DECLARATIONS,
-            ["prefill_attention_available", "prefill_attention"],
-            (ATTENTION_COMMON,),
+            ["prefill_attention_available", "prefill_attention", "prefill_attention_uses_amx"],
+            (AMX_TILES, ATTENTION_COMMON),
         )
     return build_probed_extension(
         "prefill_attention_avx2",

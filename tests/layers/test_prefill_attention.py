@@ -13,6 +13,23 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=["vector", "amx"])
+def kernel_path(request):
+    """Each test runs on the vector kernel and, where the CPU has AMX, on tiles."""
+    uses_amx = getattr(prefill_attention_kernel(), "prefill_attention_uses_amx", None)
+    previous = uses_amx(-1) if uses_amx is not None else -1
+    if previous < 0:
+        if request.param == "amx":
+            pytest.skip("this CPU has no AMX tiles")
+        yield request.param
+        return
+    uses_amx(int(request.param == "amx"))
+    try:
+        yield request.param
+    finally:
+        uses_amx(previous)
+
+
 def _reference(q, k_cache, v_cache, slots, scale):
     """fp32 causal attention: query i sits at position C - L + i of the C-slot context."""
     length, heads, _ = q.shape
@@ -46,9 +63,10 @@ def _case(length, context, heads, kv_heads, dim, seed):
         (33, 200, 32, 8, 64),  # Llama-3.2-1B heads
         (300, 1000, 14, 2, 64),  # many key blocks, the last one partly masked
         (17, 130, 4, 1, 128),
+        (40, 40, 2, 2, 64),  # 16-row tiles of one query head: rows past a partial tile
     ],
 )
-def test_matches_fp32_reference(length, context, heads, kv_heads, dim):
+def test_matches_fp32_reference(length, context, heads, kv_heads, dim, kernel_path):
     q, k_cache, v_cache, slots = _case(length, context, heads, kv_heads, dim, length + context)
     scale = dim**-0.5
     out = prefill_attention_kernel().prefill_attention(q, k_cache, v_cache, slots, scale)
@@ -59,7 +77,7 @@ def test_matches_fp32_reference(length, context, heads, kv_heads, dim):
 
 
 @needs_kernel
-def test_reads_queries_through_their_strides():
+def test_reads_queries_through_their_strides(kernel_path):
     """q is a view of the fused qkv projection in the model: rows are strided."""
     q, k_cache, v_cache, slots = _case(9, 40, 4, 2, 64, 1)
     wide = torch.zeros(9, 8, 64).bfloat16()

@@ -35,7 +35,7 @@ bool bf16_packed_available() {
 // AMX in this build); returns the previous value. `rows` < 0 only reads it.
 int64_t bf16_packed_amx_min_rows(int64_t rows) {
 #ifdef AGENTCPU_PACKED_AMX
-  if (!amx_granted()) return -1;
+  if (!agentcpu_amx::granted()) return -1;
   return rows < 0 ? amx_min_rows().load() : amx_min_rows().exchange(rows);
 #else
   (void)rows;

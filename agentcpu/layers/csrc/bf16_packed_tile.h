@@ -16,8 +16,6 @@
 #include <vector>
 #include <atomic>
 #include <cstdlib>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define AGENTCPU_PACKED_BF16 1  // the tile multiplies bf16 pairs with VDPBF16PS
@@ -147,44 +145,19 @@ inline void tile_tokens(int T, const uint16_t* w, int64_t K2, const uint16_t* x,
   }
 }
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#ifdef AGENTCPU_AMX
 #define AGENTCPU_PACKED_AMX 1
 
-// AMX (Sapphire Rapids and later). The packed layout is already the B operand of
-// TDPBF16PS: 16 k pairs x 16 rows x 2 k of one block are 1 KB at a 64-byte stride, so a
-// B tile loads straight from the weight; the A tile is 16 token rows x 32 k loaded
-// straight from x (row stride K * 2). C tiles are 16 tokens x 16 output rows in fp32.
-// Register plan (8 tiles): 2 token tiles x 2 blocks = 4 C, 2 A, 2 B; each 32-wide k step
-// loads 4 KB and issues 4 TDPBF16PS. Tokens past M are read from a zero-padded copy of
-// the last partial 16-token tile, so every tile is 16 rows and one configuration serves.
-constexpr int64_t kAmxRows = 16;
-constexpr int64_t kAmxK = 32;  // bf16 per tile row (64 bytes)
-
-struct alignas(64) AmxTileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands the AMX tile state only to a process that asks for it (once).
-inline bool amx_granted() {
-  static const bool granted = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return granted;
-}
-
-inline void amx_configure() {
-  AmxTileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = kAmxRows;
-  }
-  _tile_loadconfig(&cfg);
-}
+// AMX (Sapphire Rapids and later; `amx_tiles.h` comes first in the prelude). The packed
+// layout is already the B operand of TDPBF16PS: 16 k pairs x 16 rows x 2 k of one block
+// are 1 KB at a 64-byte stride, so a B tile loads straight from the weight; the A tile is
+// 16 token rows x 32 k loaded straight from x (row stride K * 2). C tiles are 16 tokens x
+// 16 output rows in fp32. Register plan (8 tiles): 2 token tiles x 2 blocks = 4 C, 2 A,
+// 2 B; each 32-wide k step loads 4 KB and issues 4 TDPBF16PS. Tokens past M are read from
+// a zero-padded copy of the last partial 16-token tile, so every tile is 16 rows and one
+// configuration serves.
+constexpr int64_t kAmxRows = agentcpu_amx::kRows;
+constexpr int64_t kAmxK = agentcpu_amx::kBf16;
 
 // C tile (16 tokens x 16 outputs, fp32) + bias -> bf16 rows of out, for `tokens` rows.
 inline void amx_store(const float* c, int64_t tokens, uint16_t* out, int64_t N, const float* bias) {
@@ -249,7 +222,7 @@ inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* 
     std::memcpy(tail.data(), x + full * kAmxRows * K, (M - full * kAmxRows) * K * sizeof(uint16_t));
   }
   auto rows_of = [&](int64_t t) { return t < full ? x + t * kAmxRows * K : tail.data(); };
-  amx_configure();
+  agentcpu_amx::configure();
   for (int64_t b = b0; b < b1; b += 2) {
     const bool two = b + 1 < b1;
     for (int64_t t = 0; t < tiles; t += 2) {
@@ -282,7 +255,7 @@ inline std::atomic<int64_t>& amx_min_rows() {
 void blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
                   int64_t N, const float* bias, int64_t b0, int64_t b1) {
 #ifdef AGENTCPU_PACKED_AMX
-  if (M >= amx_min_rows().load(std::memory_order_relaxed) && K % kAmxK == 0 && amx_granted()) {
+  if (M >= amx_min_rows().load(std::memory_order_relaxed) && K % kAmxK == 0 && agentcpu_amx::granted()) {
     amx_blocks_range(packed, K, x, M, out, N, bias, b0, b1);
     return;
   }

@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -91,6 +93,40 @@ inline void block_scores(const uint16_t* const* q, int64_t D, const uint16_t* ke
   }
 }
 
+// One row's scores against a 64-key block (4 zmm, keys past `pos` masked) -> bf16
+// probabilities in `probs` relative to the running max `m`, which moves; `l` (the running
+// sum, of the bf16-rounded probabilities that are multiplied) is rescaled with it, and
+// `corr` is the factor the row's output must be rescaled by. Online softmax in fp32.
+inline void softmax_block(__m512 (&s)[4], int64_t first_key, int64_t pos, float scale_log2e, float& m, float& l,
+                          float& corr, uint16_t* probs) {
+  if (first_key + kKeyBlock - 1 > pos) {  // the block crosses this row's position
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(first_key + 16 * j)));
+      const __mmask16 hidden = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(pos)));
+      s[j] = _mm512_mask_mov_ps(s[j], hidden, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    }
+  }
+  const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3]));
+  const float m_new = std::max(m, _mm512_reduce_max_ps(mx4));
+  const __m512 shift = _mm512_set1_ps(m_new);
+  const __m512 sl = _mm512_set1_ps(scale_log2e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < 4; j += 2) {
+    const __m512 e0 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[j], shift), sl));
+    const __m512 e1 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[j + 1], shift), sl));
+    const __m512bh pr = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half
+    _mm512_storeu_si512(probs + 16 * j, reinterpret_cast<__m512i>(pr));
+    // sum what is multiplied: the bf16-rounded probabilities
+    const __m512i w = reinterpret_cast<__m512i>(pr);
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xffff0000))));
+  }
+  corr = std::exp2((m - m_new) * scale_log2e);  // 0 at the first block
+  l = l * corr + _mm512_reduce_add_ps(sum);
+  m = m_new;
+}
+
 // T rows (query positions pos[t], bf16 queries q[t]) over every key block they see.
 template <int T>
 void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
@@ -105,40 +141,12 @@ void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const Pa
   int64_t last = 0;
   for (int t = 0; t < T; ++t) last = std::max(last, pos[t]);
   const int64_t blocks = last / kKeyBlock + 1;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   alignas(64) uint16_t probs[kRows][kKeyBlock];
   for (int64_t kb = 0; kb < blocks; ++kb) {
     __m512 s[kRows][4];
     block_scores<T>(q, D, pc.keys.data(), kb, s);
     const int64_t first_key = kb * kKeyBlock;
-    for (int t = 0; t < T; ++t) {
-      if (first_key + kKeyBlock - 1 > pos[t]) {  // the block crosses this row's position
-        for (int j = 0; j < 4; ++j) {
-          const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(first_key + 16 * j)));
-          const __mmask16 hidden = _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(pos[t])));
-          s[t][j] = _mm512_mask_mov_ps(s[t][j], hidden, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-        }
-      }
-      const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[t][0], s[t][1]), _mm512_max_ps(s[t][2], s[t][3]));
-      const float m_new = std::max(st.m[t], _mm512_reduce_max_ps(mx4));
-      const __m512 shift = _mm512_set1_ps(m_new);
-      const __m512 sl = _mm512_set1_ps(scale_log2e);
-      __m512 sum = _mm512_setzero_ps();
-      for (int j = 0; j < 4; j += 2) {
-        const __m512 e0 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[t][j], shift), sl));
-        const __m512 e1 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[t][j + 1], shift), sl));
-        const __m512bh pr = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half
-        _mm512_store_si512(probs[t] + 16 * j, reinterpret_cast<__m512i>(pr));
-        // sum what is multiplied: the bf16-rounded probabilities
-        const __m512i w = reinterpret_cast<__m512i>(pr);
-        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xffff0000))));
-      }
-      const float corr = std::exp2((st.m[t] - m_new) * scale_log2e);  // 0 at the first block
-      st.l[t] = st.l[t] * corr + _mm512_reduce_add_ps(sum);
-      st.m[t] = m_new;
-      st.corr[t] = corr;
-    }
+    for (int t = 0; t < T; ++t) softmax_block(s[t], first_key, pos[t], scale_log2e, st.m[t], st.l[t], st.corr[t], probs[t]);
     // O += P V over the block's 32 key pairs, 64 channels (4 zmm per row) at a time
     const uint16_t* vbase = pc.values.data() + first_key * 16;
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
@@ -173,12 +181,141 @@ void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const Pa
   }
 }
 
+#ifdef AGENTCPU_AMX
+// AMX: 16 rows (query, head) a tile, both products on TDPBF16PS, the softmax between
+// them in AVX-512 as above. The packed context is already in B-operand order for both:
+// 16 keys' D/2 pairs are a [D/2][16][2] run (the scores' B tile: 16 pairs of d at a
+// 64-byte stride), and 16 channels' key pairs are a [Cp/2][16][2] run (P V's B tile: 16
+// key pairs). The A operands are the 16 query rows (copied to a [16][D] buffer: the
+// rows of a KV head's group are not evenly spaced in q) and the block's probabilities,
+// [16][64] bf16. Tiles: C 0..3 (a 64-key block's scores, then 64 channels of P V), A 4,
+// B 6 and 7.
+constexpr int64_t kAmxRows = agentcpu_amx::kRows;
+
+struct AmxScratch {
+  alignas(64) uint16_t q[kAmxRows * 128];        // query rows, [16][D]
+  alignas(64) float s[kAmxRows * kKeyBlock];     // a block's scores, [16][64]
+  alignas(64) uint16_t p[kAmxRows * kKeyBlock];  // its bf16 probabilities
+  alignas(64) float pv[kAmxRows * 64];           // P V for 64 channels
+  float m[kAmxRows], l[kAmxRows], corr[kAmxRows];
+};
+
+// s = q K^T for key block kb: 4 tiles of 16 keys, D / 32 steps each.
+inline void amx_scores(const uint16_t* q, int64_t D, const uint16_t* keys, int64_t kb, float* s) {
+  const uint16_t* k0 = keys + kb * (kKeyBlock / 16) * D * 16;
+  const int64_t tile_keys = D * 16;  // bf16 values per 16 keys
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t ks = 0; ks < D / 32; ++ks) {
+    _tile_loadd(4, q + ks * 32, D * 2);
+    _tile_loadd(6, k0 + ks * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, k0 + tile_keys + ks * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, k0 + 2 * tile_keys + ks * 512, 64);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_loadd(7, k0 + 3 * tile_keys + ks * 512, 64);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  _tile_stored(0, s, kKeyBlock * 4);
+  _tile_stored(1, s + 16, kKeyBlock * 4);
+  _tile_stored(2, s + 32, kKeyBlock * 4);
+  _tile_stored(3, s + 48, kKeyBlock * 4);
+}
+
+// pv = P V for channels [c0, c0 + 64) of the block starting at `first_key`.
+inline void amx_pv(const uint16_t* p, const uint16_t* values, int64_t Cp, int64_t first_key, int64_t c0, float* pv) {
+  const uint16_t* v0 = values + (c0 / 16) * Cp * 16 + (first_key / 2) * 32;
+  const int64_t group = Cp * 16;  // bf16 values per 16 channels
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t ks = 0; ks < kKeyBlock / 32; ++ks) {  // 32 keys (16 pairs) a step
+    _tile_loadd(4, p + ks * 32, kKeyBlock * 2);
+    _tile_loadd(6, v0 + ks * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, v0 + group + ks * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, v0 + 2 * group + ks * 512, 64);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_loadd(7, v0 + 3 * group + ks * 512, 64);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  _tile_stored(0, pv, 64 * 4);
+  _tile_stored(1, pv + 16, 64 * 4);
+  _tile_stored(2, pv + 32, 64 * 4);
+  _tile_stored(3, pv + 48, 64 * 4);
+}
+
+// T <= 16 rows over every key block they see; out_rows[t] gets row t's D outputs (fp32).
+void amx_tile_rows(int T, const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
+                   float scale_log2e, float* const* out_rows, AmxScratch& sc) {
+  int64_t last = 0;
+  for (int t = 0; t < T; ++t) last = std::max(last, pos[t]);
+  for (int t = 0; t < kAmxRows; ++t) {
+    if (t < T) std::memcpy(sc.q + t * D, q[t], D * sizeof(uint16_t));
+    else std::memset(sc.q + t * D, 0, D * sizeof(uint16_t));  // rows past T: zero, unused
+    sc.m[t] = -std::numeric_limits<float>::infinity();
+    sc.l[t] = 0.f;
+  }
+  for (int t = 0; t < T; ++t) std::fill(out_rows[t], out_rows[t] + D, 0.f);
+  const int64_t blocks = last / kKeyBlock + 1;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    amx_scores(sc.q, D, pc.keys.data(), kb, sc.s);
+    for (int t = 0; t < T; ++t) {
+      __m512 s[4];
+      for (int j = 0; j < 4; ++j) s[j] = _mm512_load_ps(sc.s + t * kKeyBlock + 16 * j);
+      softmax_block(s, first_key, pos[t], scale_log2e, sc.m[t], sc.l[t], sc.corr[t], sc.p + t * kKeyBlock);
+    }
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      amx_pv(sc.p, pc.values.data(), pc.padded, first_key, c0, sc.pv);
+      for (int t = 0; t < T; ++t) {
+        const __m512 c = _mm512_set1_ps(sc.corr[t]);
+        float* o = out_rows[t] + c0;
+        for (int d = 0; d < 64; d += 16)
+          _mm512_storeu_ps(o + d, _mm512_fmadd_ps(_mm512_loadu_ps(o + d), c, _mm512_load_ps(sc.pv + t * 64 + d)));
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512 inv = _mm512_set1_ps(1.f / sc.l[t]);
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(out_rows[t] + d, _mm512_mul_ps(_mm512_loadu_ps(out_rows[t] + d), inv));
+  }
+}
+#endif  // AGENTCPU_AMX
+
+std::atomic<bool>& amx_enabled() {
+#ifdef AGENTCPU_AMX
+  static std::atomic<bool> on{agentcpu_amx::granted()};
+#else
+  static std::atomic<bool> on{false};
+#endif
+  return on;
+}
+
 #endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace
 
 // Whether this build has the AVX-512 BF16 path.
 bool prefill_attention_available() { return built_with_avx512_bf16(); }
+
+// Whether a prefill runs on AMX tiles (where this build and the OS have them); `use` 0 or
+// 1 sets it (A/B benchmarks, tests), -1 only reads. Returns the previous value, or -1
+// where there is no AMX.
+int64_t prefill_attention_uses_amx(int64_t use) {
+#if defined(AGENTCPU_ATTENTION_BF16) && defined(AGENTCPU_AMX)
+  if (!agentcpu_amx::granted()) return -1;
+  return use < 0 ? amx_enabled().load() : amx_enabled().exchange(use != 0);
+#else
+  (void)use;
+  return -1;
+#endif
+}
 
 // q [L, H, D] bf16 (last dim contiguous); caches [S, KVH, D] bf16 contiguous; slots int64
 // [C] (C >= L: the context, chunk included, in order). D must be 64 or 128.
@@ -203,24 +340,38 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   });
   const float scale_log2e = static_cast<float>(scale) * 1.4426950408889634f;
   const int64_t qblocks = (L + kQueriesPerItem - 1) / kQueriesPerItem;
+  const bool amx = amx_enabled().load();
   at::parallel_for(0, KVH * qblocks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> acc(kRows * D);
+    constexpr int kMaxRows = 16;  // rows a tile takes: kRows, or 16 on AMX
+    const int64_t tile_rows_n = amx ? kMaxRows : kRows;
+    std::vector<float> acc(kMaxRows * D);
+#ifdef AGENTCPU_AMX
+    std::unique_ptr<AmxScratch> scratch;
+    if (amx) {
+      scratch = std::make_unique<AmxScratch>();
+      agentcpu_amx::configure();
+    }
+#endif
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t kh = item / qblocks, i_begin = (item % qblocks) * kQueriesPerItem;
       const int64_t i_end = std::min(L, i_begin + kQueriesPerItem);
       const int64_t rows = (i_end - i_begin) * G;  // row r: query i_begin + r / G, head r % G
-      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-        const int T = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-        const uint16_t* qrows[kRows];
-        int64_t pos[kRows];
-        float* orows[kRows];
+      for (int64_t r0 = 0; r0 < rows; r0 += tile_rows_n) {
+        const int T = static_cast<int>(std::min<int64_t>(tile_rows_n, rows - r0));
+        const uint16_t* qrows[kMaxRows];
+        int64_t pos[kMaxRows];
+        float* orows[kMaxRows];
         for (int t = 0; t < T; ++t) {
           const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
           qrows[t] = qp + i * q.stride(0) + h * q.stride(1);
           pos[t] = C - L + i;
           orows[t] = acc.data() + t * D;
         }
-        dispatch_rows(T, [&](auto t) { tile_rows<decltype(t)::value>(qrows, pos, D, packed[kh], scale_log2e, orows); });
+#ifdef AGENTCPU_AMX
+        if (amx) amx_tile_rows(T, qrows, pos, D, packed[kh], scale_log2e, orows, *scratch);
+        else
+#endif
+          dispatch_rows(T, [&](auto t) { tile_rows<decltype(t)::value>(qrows, pos, D, packed[kh], scale_log2e, orows); });
         for (int t = 0; t < T; ++t) {
           const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
           at::BFloat16* o = op + (i * H + h) * D;
@@ -228,6 +379,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
         }
       }
     }
+#ifdef AGENTCPU_AMX
+    if (amx) _tile_release();
+#endif
   });
 #endif
   return out;
