@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from agentcpu.commands.engine_args import add_engine_arguments, engine_options
+from agentcpu.hardware.allocator import freeze_loaded_objects
 
 WORKLOADS = ("decode", "prefill", "concurrency", "prefix")
 BENCH_DIR = Path(".bench")
@@ -89,6 +90,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     model = _model_path(args)
     doctor = doctor_report(model_path=model, quick=True)
     llm = LLM(model, **engine_options(args))
+    freeze_loaded_objects()  # the loaded model stays out of the collector's walks
     engine = llm.engine
     limits = doctor["model"]["roofline"][_roofline_key(args.quant)]
     rows = _WORKLOAD_RUNNERS[args.workload](offline, engine, args)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 
 from agentcpu.commands.engine_args import add_engine_arguments, engine_options
+from agentcpu.hardware.allocator import freeze_loaded_objects
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     llm = LLM(args.model or str(DEMO_MODEL_DIR), **engine_options(args))
+    freeze_loaded_objects()  # the loaded model stays out of the collector's walks
     tool_format = detect_tool_format(llm.tokenizer.chat_template)
     front = AsyncEngine(llm.engine, own_thread=False)  # the engine loop gets the main thread
     columns = (TextColumn("[bold]agents"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ok]} correct"), TimeElapsedColumn())

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from agentcpu.engine.async_engine import AsyncEngine
     from agentcpu.engine.llm_engine import LLMEngine
+    from agentcpu.hardware.allocator import freeze_loaded_objects
     from agentcpu.hardware.threads import configure_threads
     from agentcpu.models.loading import resolve_engine_config
     from agentcpu.server import ServerSettings, create_app
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_engine_config(args.model, **engine_options(args))
     configure_threads(config.threads or None)
     front = AsyncEngine(LLMEngine(config), own_thread=False)
+    freeze_loaded_objects()  # the loaded model stays out of the collector's walks
     app = create_app(front, settings, tools=tools)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -24,6 +24,7 @@ from agentcpu.engine.sampler import SampleResult
 from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.engine.scheduler import ScheduledRequest, Scheduler
 from agentcpu.errors import CapacityError, ContextLengthError, InvalidRequestError
+from agentcpu.hardware.allocator import keep_freed_memory
 from agentcpu.kvcache.manager import KVCacheManager
 from agentcpu.kvcache.spill import DiskKVStore
 from agentcpu.kvcache.storage import allocate_kv_pool, layer_views, num_blocks_for_budget
@@ -46,6 +47,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         self.config = config
+        keep_freed_memory()  # a step's activations stay in the heap (hardware/allocator.py)
         if model is None:
             model, tokenizer = load_model_and_tokenizer(config)
         self.model, self.tokenizer = model, tokenizer

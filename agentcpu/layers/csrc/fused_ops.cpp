@@ -33,6 +33,25 @@ inline float to_f(T v) { return static_cast<float>(v); }
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
+// Sum of squares in 16 independent partial sums, a form GCC vectorizes without
+// -ffast-math; one running sum is a serial chain of D dependent FMAs (at 512 rows a
+// prefill chunk's 49 norms took 3.5 % of the step that way).
+template <typename T>
+inline float sum_squares(const T* row, int64_t D) {
+  constexpr int64_t kParts = 16;
+  float part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= D; i += kParts)
+    for (int64_t j = 0; j < kParts; ++j) {
+      const float v = to_f(row[i + j]);
+      part[j] += v * v;
+    }
+  float ss = 0.f;
+  for (int64_t j = 0; j < kParts; ++j) ss += part[j];
+  for (; i < D; ++i) ss += to_f(row[i]) * to_f(row[i]);
+  return ss;
+}
+
 template <typename T>
 void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
   const int64_t rows = x.size(0), D = x.size(1);
@@ -42,8 +61,7 @@ void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
   at::parallel_for(0, rows, grain(D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = xp + r * D;
-      float ss = 0.f;
-      for (int64_t i = 0; i < D; ++i) ss += to_f(row[i]) * to_f(row[i]);
+      const float ss = sum_squares(row, D);
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
       T* o = op + r * D;
       for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(to_f(wp[i]) * round_to<T>(to_f(row[i]) * inv));
