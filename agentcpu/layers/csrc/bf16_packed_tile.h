@@ -168,32 +168,52 @@ inline void amx_store(const float* c, int64_t tokens, uint16_t* out, int64_t N, 
 }
 
 // Token tiles tile0 (and tile0 + 1 where TT == 2) against blocks b (and b + 1 where
-// RB == 2). `a(t)`: the first row of token tile t (x itself, or the padded tail).
+// RB == 2), k in [k0, k1). `a(t)`: the first row of token tile t (x itself, or the
+// padded tail). The sums start at zero where k0 == 0, else from `part` (fp32, [tokens]
+// [32]: the two blocks' 16 outputs side by side); they end in `out` where k1 == K, else
+// back in `part`.
 template <int RB, int TT, typename RowsOf>
-inline void amx_tile(const uint16_t* packed, int64_t K, int64_t b, int64_t tile0, int64_t M, RowsOf a,
-                     uint16_t* out, int64_t N, const float* bias) {
-  const int64_t block_stride = K * kBlockRows, a_stride = K * 2, ksteps = K / kAmxK;
+inline void amx_tile(const uint16_t* packed, int64_t K, int64_t k0, int64_t k1, int64_t b, int64_t tile0,
+                     int64_t M, RowsOf a, float* part, uint16_t* out, int64_t N, const float* bias) {
+  const int64_t block_stride = K * kBlockRows, a_stride = K * 2;
   const uint16_t* w0 = packed + b * block_stride;
   const uint16_t* w1 = w0 + block_stride;
   const uint16_t* a0 = a(tile0);
   const uint16_t* a1 = TT == 2 ? a(tile0 + 1) : a0;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t ks = 0; ks < ksteps; ++ks) {
-    _tile_loadd(4, a0 + ks * kAmxK, a_stride);
-    _tile_loadd(6, w0 + ks * kAmxK * kBlockRows, 64);
+  float* p0 = part + tile0 * kAmxRows * 2 * kBlockRows;  // token tile tile0, block b
+  float* p1 = p0 + kAmxRows * 2 * kBlockRows;            // token tile tile0 + 1
+  constexpr int64_t kPartStride = 2 * kBlockRows * 4;    // bytes per token row of `part`
+  if (k0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, p0, kPartStride);
+    if (TT == 2) _tile_loadd(1, p1, kPartStride);
+    if (RB == 2) _tile_loadd(2, p0 + kBlockRows, kPartStride);
+    if (RB == 2 && TT == 2) _tile_loadd(3, p1 + kBlockRows, kPartStride);
+  }
+  for (int64_t k = k0; k < k1; k += kAmxK) {
+    _tile_loadd(4, a0 + k, a_stride);
+    _tile_loadd(6, w0 + k * kBlockRows, 64);
     _tile_dpbf16ps(0, 4, 6);
     if (TT == 2) {
-      _tile_loadd(5, a1 + ks * kAmxK, a_stride);
+      _tile_loadd(5, a1 + k, a_stride);
       _tile_dpbf16ps(1, 5, 6);
     }
     if (RB == 2) {
-      _tile_loadd(7, w1 + ks * kAmxK * kBlockRows, 64);
+      _tile_loadd(7, w1 + k * kBlockRows, 64);
       _tile_dpbf16ps(2, 4, 7);
       if (TT == 2) _tile_dpbf16ps(3, 5, 7);
     }
+  }
+  if (k1 < K) {
+    _tile_stored(0, p0, kPartStride);
+    if (TT == 2) _tile_stored(1, p1, kPartStride);
+    if (RB == 2) _tile_stored(2, p0 + kBlockRows, kPartStride);
+    if (RB == 2 && TT == 2) _tile_stored(3, p1 + kBlockRows, kPartStride);
+    return;
   }
   alignas(64) float c[kAmxRows * kBlockRows];
   for (int tt = 0; tt < TT; ++tt) {
@@ -211,6 +231,19 @@ inline void amx_tile(const uint16_t* packed, int64_t K, int64_t b, int64_t tile0
   }
 }
 
+// k values per pass over the token tiles: a pass's two weight blocks (2 x 16 KB at 256)
+// stay in L1 while every token tile streams past them (docs/kernels.md, "AMX").
+inline int64_t amx_k_chunk() {
+  static const int64_t kc = [] {
+    const char* env = std::getenv("AGENTCPU_AMX_K_CHUNK");
+    return env != nullptr ? std::max<int64_t>(kAmxK, std::atoll(env) / kAmxK * kAmxK) : int64_t{256};
+  }();
+  return kc;
+}
+
+// Activation bytes that K chunking assumes stay in L2.
+constexpr int64_t amx_l2_bytes() { return int64_t{1} << 20; }
+
 // Blocks [b0, b1) against all M tokens on tiles (K % 32 == 0). `out` and `bias` are
 // indexed from block 0, as in `blocks_range`.
 inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
@@ -222,16 +255,25 @@ inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* 
     std::memcpy(tail.data(), x + full * kAmxRows * K, (M - full * kAmxRows) * K * sizeof(uint16_t));
   }
   auto rows_of = [&](int64_t t) { return t < full ? x + t * kAmxRows * K : tail.data(); };
+  // K in chunks where the activations stay in L2 (~1 MB: a 512-token chunk at K = 896),
+  // so each pass's two weight blocks are reused from L1 by every token tile; one pass
+  // over all of K where the tokens are few (the weights stream from memory once) or
+  // their rows do not fit (down_proj's 4,864 columns: chunking measured 25 % slower).
+  const int64_t kc = tiles > 2 && tiles * kAmxRows * K * 2 <= amx_l2_bytes() ? amx_k_chunk() : K;
+  std::vector<float> part(kc < K ? tiles * kAmxRows * 2 * kBlockRows : 0);
   agentcpu_amx::configure();
   for (int64_t b = b0; b < b1; b += 2) {
     const bool two = b + 1 < b1;
-    for (int64_t t = 0; t < tiles; t += 2) {
-      if (t + 1 < tiles) {
-        if (two) amx_tile<2, 2>(packed, K, b, t, M, rows_of, out, N, bias);
-        else amx_tile<1, 2>(packed, K, b, t, M, rows_of, out, N, bias);
-      } else {
-        if (two) amx_tile<2, 1>(packed, K, b, t, M, rows_of, out, N, bias);
-        else amx_tile<1, 1>(packed, K, b, t, M, rows_of, out, N, bias);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t k1 = std::min(K, k0 + kc);
+      for (int64_t t = 0; t < tiles; t += 2) {
+        if (t + 1 < tiles) {
+          if (two) amx_tile<2, 2>(packed, K, k0, k1, b, t, M, rows_of, part.data(), out, N, bias);
+          else amx_tile<1, 2>(packed, K, k0, k1, b, t, M, rows_of, part.data(), out, N, bias);
+        } else {
+          if (two) amx_tile<2, 1>(packed, K, k0, k1, b, t, M, rows_of, part.data(), out, N, bias);
+          else amx_tile<1, 1>(packed, K, k0, k1, b, t, M, rows_of, part.data(), out, N, bias);
+        }
       }
     }
   }
