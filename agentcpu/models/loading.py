@@ -96,7 +96,7 @@ def resolve_engine_config(
 
 def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | None]:
     """The filled model and the tokenizer (None when the directory has no tokenizer)."""
-    from agentcpu.quant import apply_quant
+    from agentcpu.quant import apply_quant, interleave_int4_layers
 
     if _is_gguf_file(config.model):
         model, tokenizer = _load_gguf(config)
@@ -106,6 +106,7 @@ def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | 
         tokenizer = load_tokenizer(config.model)
     model = apply_quant(model, config.quant)
     pack_linears(model)  # bf16 layers left after quantization, where AVX-512 BF16 exists
+    interleave_int4_layers(model)  # int4 layers (--quant int4*, GGUF Q4_0 / Q4_1)
     return model, tokenizer
 
 

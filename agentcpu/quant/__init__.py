@@ -7,7 +7,7 @@ docs/quantization.md describes the formats, the kernels and how they were chosen
 """
 
 from agentcpu.quant.formats import Int4Weight, Int8Weight, QuantizationError
-from agentcpu.quant.model import apply_quant, parse_quant, quantize_model
+from agentcpu.quant.model import apply_quant, interleave_int4_layers, parse_quant, quantize_model
 from agentcpu.quant.modules import Int4Linear, Int8Linear, QuantizedLinear
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedLinear",
     "apply_quant",
+    "interleave_int4_layers",
     "parse_quant",
     "quantize_model",
 ]

@@ -154,6 +154,45 @@ def dequantize_int4(w: Int4Weight) -> torch.Tensor:
     return deq.reshape(out_features, in_features)
 
 
+INTERLEAVE_ROWS = 8  # rows of an interleaved int4 group: one per 32-bit lane of a vector
+
+
+def interleave_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode kernel's layout of an int4 weight (docs/quantization.md, "interleaved"):
+    rows in groups of 8, each 32-weight block of a group 128 bytes whose 32-byte vector p
+    holds bytes 4p..4p+3 of the block of every row in turn (a byte permutation of Q4_0
+    blocks, as llama.cpp's repack), so lane r of every vector is row r. Returns (qweight
+    uint8 [N/8, K/32, 128], scales and offsets fp16 [N/8, K/group, 8]); N must be a
+    multiple of 8."""
+    rows, half = w.qweight.shape
+    if rows % INTERLEAVE_ROWS:
+        raise QuantizationError(f"interleaving needs out_features a multiple of 8, got {rows}")
+    groups = rows // INTERLEAVE_ROWS
+    q = w.qweight.reshape(groups, INTERLEAVE_ROWS, half // (BLOCK // 2), 4, 4)  # [G8, r, b, p, i]
+    q = q.permute(0, 2, 3, 1, 4).reshape(groups, half // (BLOCK // 2), BLOCK * 4)
+    return (q.contiguous(), _interleave_rows(w.scales), _interleave_rows(w.offsets))
+
+
+def deinterleave_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> Int4Weight:
+    """Inverse of `interleave_int4`: the row layout of `Int4Weight`."""
+    groups, blocks, _ = qweight.shape
+    q = qweight.reshape(groups, blocks, 4, INTERLEAVE_ROWS, 4).permute(0, 3, 1, 2, 4)
+    q = q.reshape(groups * INTERLEAVE_ROWS, blocks * BLOCK // 2).contiguous()
+    return Int4Weight(q, _deinterleave_rows(scales), _deinterleave_rows(offsets))
+
+
+def _interleave_rows(t: torch.Tensor) -> torch.Tensor:
+    rows, cols = t.shape  # [N, G] -> [N/8, G, 8]
+    return t.reshape(rows // INTERLEAVE_ROWS, INTERLEAVE_ROWS, cols).transpose(1, 2).contiguous()
+
+
+def _deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
+    groups, cols, _ = t.shape
+    return t.transpose(1, 2).reshape(groups * INTERLEAVE_ROWS, cols).contiguous()
+
+
 def int8_from_q8_0(qs: torch.Tensor, d: torch.Tensor) -> Int8Weight:
     """GGUF Q8_0 blocks, already split into `qs` int8 [N, K] and `d` fp16 [N, K // 32]."""
     _check_blocks(qs, d, qs.shape[1], torch.int8)

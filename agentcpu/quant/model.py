@@ -99,3 +99,10 @@ def apply_quant(model: nn.Module, quant: str | None) -> nn.Module:
         return model
     method, group_size, symmetric = parse_quant(quant)
     return quantize_model(model, method, group_size, symmetric)
+
+
+def interleave_int4_layers(model: nn.Module) -> int:
+    """The loader's last step for int4 models: every `Int4Linear` that can takes the
+    decode kernel's 8-row interleaved layout (`Int4Linear.interleave_rows`); returns how
+    many did."""
+    return sum(m.interleave_rows() for m in model.modules() if isinstance(m, Int4Linear))

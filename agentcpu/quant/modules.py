@@ -33,6 +33,8 @@ class QuantizedLinear(nn.Module):
     def load_rows(self, start: int, weight: formats.Int8Weight | formats.Int4Weight) -> None:
         """Copy `weight` into output rows start.. (one part of a fused projection, as a
         GGUF loader fills a module made by `empty`); its format must match ours."""
+        if getattr(self, "interleaved", False):
+            raise formats.QuantizationError("load rows before interleave_rows(), not after")
         ours = self.weight_data
         for field in dataclasses.fields(ours):
             target, part = getattr(ours, field.name), getattr(weight, field.name)
@@ -106,7 +108,9 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Packed int4 weight [out, in // 2] with fp16 scales and offsets per group."""
+    """Packed int4 weight [out, in // 2] with fp16 scales and offsets per group; after
+    `interleave_rows()` the same bytes in the decode kernel's 8-row layout
+    (`formats.interleave_int4`), which `weight_data` turns back into rows."""
 
     def __init__(self, weight: formats.Int4Weight, bias: torch.Tensor | None = None):
         super().__init__(weight.in_features, weight.qweight.shape[0], bias)
@@ -147,7 +151,25 @@ class Int4Linear(QuantizedLinear):
         return cls(weight, _empty_bias(out_features, bias_dtype))
 
     @property
+    def interleaved(self) -> bool:
+        return self.qweight.dim() == 3
+
+    def interleave_rows(self) -> bool:
+        """Store the weight 8 rows interleaved, where the kernels read that layout and
+        the shape allows (out_features a multiple of 8, in_features of 64): 1.1-1.8x the
+        row layout's GEMV on AVX2 (docs/quantization.md). Returns whether it did."""
+        if self.interleaved or ops.kernels() is None:
+            return False
+        if self.out_features % formats.INTERLEAVE_ROWS or self.in_features % ops.GEMV_INT4_ALIGN:
+            return False
+        self.qweight, self.scales, self.offsets = formats.interleave_int4(self.weight_data)
+        return True
+
+    @property
     def weight_data(self) -> formats.Int4Weight:
+        """The weight in the row layout (a copy where it is stored interleaved)."""
+        if self.interleaved:
+            return formats.deinterleave_int4(self.qweight, self.scales, self.offsets)
         return formats.Int4Weight(self.qweight, self.scales, self.offsets)
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -7,8 +7,9 @@ fast bf16 matmul (measured here on AVX2: it beats dequantize-then-fp32-GEMM up t
 32 and beyond). bf16 batches of `packed_min_tokens()` rows or more (32 on AVX-512 BF16,
 256 on AVX2) dequantize 64 weight rows at a time into the packed bf16 layout and run the
 bf16 packed tile over them; elsewhere with fast bf16 matmul (AMX), batches of `TILED_MIN_TOKENS` rows
-or more dequantize tiles to bf16 and multiply with oneDNN. docs/quantization.md has the
-measurements.
+or more dequantize tiles to bf16 and multiply with oneDNN. int4 layers stored 8 rows
+interleaved (the loader's default) take the GEMV at every batch size on CPUs without
+native bf16 matmul. docs/quantization.md has the measurements.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from agentcpu.layers.packed_linear import BLOCK_ROWS
-from agentcpu.quant.formats import Int4Weight, Int8Weight, dequantize_int4, dequantize_int8
+from agentcpu.quant.formats import (
+    BLOCK,
+    INTERLEAVE_ROWS,
+    Int4Weight,
+    Int8Weight,
+    deinterleave_int4,
+    dequantize_int4,
+    dequantize_int8,
+)
 from agentcpu.quant.kernels import kernels, native_bf16_matmul
 
 TILED_MIN_TOKENS = 16
@@ -99,11 +108,17 @@ def int4_linear(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """y = x @ (q * scales + offsets).T + bias, formats as in `formats.Int4Weight`."""
+    """y = x @ (q * scales + offsets).T + bias, formats as in `formats.Int4Weight`, or
+    interleaved 8 rows a group (`formats.interleave_int4`: 3-D qweight), which every
+    kernel path reads as well."""
     k = kernels()
     if k is None:
         return int4_linear_reference(x, qweight, scales, offsets, bias)
-    if _use_packed(x, qweight.shape[0], qweight.shape[1] * 2):
+    out_features, in_features = int4_shape(qweight)
+    # On AVX2 the interleaved GEMV beats dequantizing into the packed layout at every
+    # batch measured (Zen 3, int4-g32, 512 rows: gate_up 59 vs 75 ms, down 36 vs 63 ms)
+    gemv_always = qweight.dim() == 3 and not native_bf16_matmul()
+    if not gemv_always and _use_packed(x, out_features, in_features):
         return k.int4_linear_packed(x, qweight, scales, offsets, bias)
     if _use_tiled(x) or x.shape[-1] % GEMV_INT4_ALIGN:
         return k.int4_linear_tiled(x, qweight, scales, offsets, bias, _bf16_tiles(x))
@@ -125,5 +140,14 @@ def int4_linear_reference(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    weight = dequantize_int4(Int4Weight(qweight, scales, offsets))
-    return F.linear(x, weight.to(x.dtype), bias)
+    w = Int4Weight(qweight, scales, offsets)
+    if qweight.dim() == 3:
+        w = deinterleave_int4(qweight, scales, offsets)
+    return F.linear(x, dequantize_int4(w).to(x.dtype), bias)
+
+
+def int4_shape(qweight: torch.Tensor) -> tuple[int, int]:
+    """(out_features, in_features) of an int4 qweight in either layout."""
+    if qweight.dim() == 3:
+        return qweight.shape[0] * INTERLEAVE_ROWS, qweight.shape[1] * BLOCK
+    return qweight.shape[0], qweight.shape[1] * 2

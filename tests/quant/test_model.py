@@ -22,9 +22,11 @@ from agentcpu.quant import (
     Int8Linear,
     QuantizationError,
     apply_quant,
+    interleave_int4_layers,
     parse_quant,
     quantize_model,
 )
+from agentcpu.quant.kernels import kernels
 from tests.engine.helpers import make_engine
 
 PROMPTS = 4
@@ -59,7 +61,9 @@ def test_every_linear_is_swapped_and_biases_kept(checkpoint_dir, family, method)
     before = {n: (m.in_features, m.out_features, m.bias) for n, m in _linears(engine.model).items()}
     quantize_model(engine.model, method, group_size=64)
     kind = Int8Linear if method == "int8" else Int4Linear
-    after = {n: m for n, m in engine.model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    after = {
+        n: m for n, m in engine.model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))
+    }
     assert not _linears(engine.model)
     assert set(after) == set(before) | {"lm_head"}  # a tied head gets its own int8 copy
     assert isinstance(after.pop("lm_head"), Int8Linear)  # int8 under int4 too
@@ -86,11 +90,17 @@ def test_int8_logits_close_to_float(checkpoint_dir, family, dtype):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("quant", ["int4-g32", "int4", "int4-g128-sym"])
-def test_int4_logits_match_dequantized_float_model(checkpoint_dir, family, quant):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_int4_logits_match_dequantized_float_model(checkpoint_dir, family, quant, interleave):
+    """`interleave`: the layout the loader gives int4 layers where the kernels exist."""
     path = checkpoint_dir(family)
     fake = make_engine(path)
     method, group, symmetric = parse_quant(quant)
     quantized_model = quantize_model(fake.model, method, group, symmetric)
+    if interleave:
+        if kernels() is None:
+            pytest.skip("no compiled kernels here: layers keep the row layout")
+        assert interleave_int4_layers(quantized_model) > 0
     ref_model = make_engine(path)
     ref_linears = _linears(ref_model.model)
     for name, module in quantized_model.named_modules():

@@ -15,6 +15,8 @@
 //         (byte j: low nibble = weight j, high nibble = weight j + 16);
 //         scales, offsets fp16 [N, K / group].
 //         w[n, k] = nibble(n, k) * scales[n, k / group] + offsets[n, k / group]
+//         or interleaved, 8 rows a group (the decode layout where the loader can use it):
+//         qweight [N / 8, K / 32, 128], scales / offsets [N / 8, K / group, 8] (below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -438,9 +440,17 @@ at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
+namespace {
+// the interleaved layout's GEMV (below, next to its dequantization)
+at::Tensor int4_x8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias);
+}  // namespace
+
+// qweight [N, K/2] (rows) or [N/8, K/32, 128] (interleaved, formats.interleave_int4)
 at::Tensor int4_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const at::Tensor& offsets,
                             const c10::optional<at::Tensor>& bias) {
+  if (qweight.dim() == 3) return int4_x8_linear_gemv(x, qweight, scales, offsets, bias);
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
   const int64_t group = K / G;
   check_x(x, K, kChunk4);
@@ -516,6 +526,161 @@ void dequant_int4_rows(const uint8_t* w, const at::Half* scales, const at::Half*
     }
 }
 
+// ---- int4, 8 rows interleaved (quant/formats.py `interleave_int4`) ----
+// qweight uint8 [N/8, K/32, 128]: block b of row group g is 128 bytes whose 32-byte vector
+// p holds bytes 4p..4p+3 of the Q4_0 block of rows 0..7 in turn, so 32-bit lane r of
+// every vector is row r (low nibbles: weights 4p..4p+3, high: 16+4p..16+4p+3). scales,
+// offsets fp16 [N/8, K/group, 8]. A block's activations are broadcast 4 bytes at a time,
+// its 8 rows' integer dots end in the 8 lanes of one vector: no horizontal sums, and the
+// nibble unpacking is shared by up to 4 tokens. 1.2-1.6x the row loop's compute rate
+// (docs/quantization.md), which is the bound where a core has more than ~12 GB/s.
+struct Int4X8Layer {
+  const uint8_t* w;
+  const at::Half* scales;
+  const at::Half* offsets;
+  int64_t N, K, G, nblocks;
+  int block_shift;  // log2(32-blocks per group)
+};
+
+bool is_interleaved(const at::Tensor& qweight) { return qweight.dim() == 3; }
+
+Int4X8Layer x8_layer(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets) {
+  TORCH_CHECK(qweight.size(2) == 4 * kBlock && qweight.is_contiguous(),
+              "interleaved int4 qweight must be contiguous [N/8, K/32, 128]");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == qweight.size(0) && scales.size(2) == 8 &&
+                  scales.sizes() == offsets.sizes() && scales.is_contiguous() && offsets.is_contiguous(),
+              "interleaved int4 scales / offsets must be contiguous [N/8, groups, 8]");
+  Int4X8Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offsets.data_ptr<at::Half>(),
+                qweight.size(0) * 8, qweight.size(1) * kBlock, scales.size(1), qweight.size(1), 0};
+  TORCH_CHECK(L.K % L.G == 0, "in_features ", L.K, " is not a whole number of ", L.G, " groups");
+  const int64_t blocks_per_group = L.K / L.G / kBlock;
+  TORCH_CHECK(blocks_per_group >= 1 && (blocks_per_group & (blocks_per_group - 1)) == 0,
+              "interleaved int4 group must be 32 times a power of two");
+  while ((int64_t{1} << L.block_shift) < blocks_per_group) ++L.block_shift;
+  return L;
+}
+
+// Per token and 32-block: scale * (sum of the block's int8 activations), the block's
+// share of the offset term (then offset * sum is exactly dot(offsets, dequantized x)).
+std::vector<float> block_sums(const QuantActs& a, int64_t B, int64_t K) {
+  const int64_t nb = K / kBlock;
+  std::vector<float> sums(B * nb);
+  for (int64_t i = 0; i < B * nb; ++i) {
+    const int8_t* q = a.q.data() + i * kBlock;
+    int32_t s = 0;
+    for (int k = 0; k < kBlock; ++k) s += q[k];
+    sums[i] = a.scales[i] * static_cast<float>(s);
+  }
+  return sums;
+}
+
+// Row group g8 (8 rows) against tokens t0 .. t0 + NT - 1: out[j][r] = row 8 g8 + r.
+template <int NT>
+void int4_x8_rows(const Int4X8Layer& L, int64_t g8, const QuantActs& a, const float* bsum, int64_t t0,
+                  float (*out)[8]) {
+  constexpr int kAcc = NT <= 2 ? 2 : 1;  // 1-2 tokens: even / odd blocks in separate sums
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const uint8_t* w = L.w + g8 * L.nblocks * 4 * kBlock;
+  const at::Half* sc = L.scales + g8 * L.G * 8;
+  const at::Half* of = L.offsets + g8 * L.G * 8;
+  const int8_t* xq[NT];
+  const float* xs[NT];
+  const float* xb[NT];
+  __m256 acc[kAcc][NT];
+  for (int j = 0; j < NT; ++j) {
+    xq[j] = a.q.data() + (t0 + j) * L.K;
+    xs[j] = a.scales.data() + (t0 + j) * L.nblocks;
+    xb[j] = bsum + (t0 + j) * L.nblocks;
+    for (int u = 0; u < kAcc; ++u) acc[u][j] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < L.nblocks; ++b) {
+    const uint8_t* wb = w + b * 4 * kBlock;
+    prefetch(wb + kPrefetch);
+    prefetch(wb + kPrefetch + 64);
+    __m256i dot[NT];
+    for (int j = 0; j < NT; ++j) dot[j] = _mm256_setzero_si256();
+    for (int p = 0; p < 4; ++p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * p));
+      const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      for (int j = 0; j < NT; ++j) {
+        int32_t x_lo, x_hi;
+        std::memcpy(&x_lo, xq[j] + b * kBlock + 4 * p, 4);
+        std::memcpy(&x_hi, xq[j] + b * kBlock + 16 + 4 * p, 4);
+#ifdef AGENTCPU_VNNI  // int32 sums
+        dot[j] = _mm256_add_epi32(dot[j], _mm256_add_epi32(dot4_u8s8(lo, _mm256_set1_epi32(x_lo)),
+                                                           dot4_u8s8(hi, _mm256_set1_epi32(x_hi))));
+#else  // int16 pair sums: 8 products of <= 15 * 127 per lane, at most 30,480
+        dot[j] = _mm256_add_epi16(dot[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_lo)),
+                                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_hi))));
+#endif
+      }
+    }
+    const int64_t g = b >> L.block_shift;
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
+    const __m256 wo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(of + g * 8)));
+    __m256* acc_u = acc[b % kAcc];
+    for (int j = 0; j < NT; ++j) {
+#ifdef AGENTCPU_VNNI
+      const __m256 d = _mm256_cvtepi32_ps(dot[j]);
+#else
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot[j], _mm256_set1_epi16(1)));
+#endif
+      acc_u[j] = _mm256_fmadd_ps(d, _mm256_mul_ps(ws, _mm256_broadcast_ss(xs[j] + b)), acc_u[j]);
+      acc_u[j] = _mm256_fmadd_ps(wo, _mm256_broadcast_ss(xb[j] + b), acc_u[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j)
+    _mm256_storeu_ps(out[j], kAcc == 2 ? _mm256_add_ps(acc[0][j], acc[kAcc - 1][j]) : acc[0][j]);
+}
+
+// Rows [r0, r0 + rows) as fp32 [rows][K] (r0 and rows multiples of 8): each row's 16
+// bytes of a block are gathered back into Q4_0 order, then dequantized as in the row layout.
+void dequant_int4_x8_rows(const Int4X8Layer& L, int64_t r0, int64_t rows, float* dst) {
+  for (int64_t g8 = r0 / 8; g8 < (r0 + rows) / 8; ++g8)
+    for (int64_t b = 0; b < L.nblocks; ++b) {
+      const uint8_t* wb = L.w + (g8 * L.nblocks + b) * 4 * kBlock;
+      const int64_t g = (g8 * L.G + (b >> L.block_shift)) * 8;
+      for (int r = 0; r < 8; ++r) {
+        alignas(16) uint8_t block[16];
+        for (int p = 0; p < 4; ++p) std::memcpy(block + 4 * p, wb + 32 * p + 4 * r, 4);
+        dequant_int4_block(block, _mm256_set1_ps(half_to_float(L.scales[g + r])),
+                           _mm256_set1_ps(half_to_float(L.offsets[g + r])),
+                           dst + (g8 * 8 + r - r0) * L.K + b * kBlock);
+      }
+    }
+}
+
+at::Tensor int4_x8_gemv(const at::Tensor& x, const Int4X8Layer& L, const c10::optional<at::Tensor>& bias) {
+  check_x(x, L.K, kBlock);
+  const at::Tensor x2 = input_2d(x);
+  const int64_t B = x2.size(0);
+  const QuantActs a = quantize_acts(x2, kBlock, false);  // int8-style: natural order, a scale per block
+  const std::vector<float> bsum = block_sums(a, B, L.K);
+  at::Tensor bias_keep;
+  auto [out, write] = make_output(x, x2, L.N, bias, bias_keep);
+  at::parallel_for(0, L.N / 8, kRowGrain / 8, [&](int64_t g0, int64_t g1) {
+    for (int64_t g8 = g0; g8 < g1; ++g8)
+      for (int64_t t0 = 0; t0 < B; t0 += kMaxTokens) {
+        const int64_t nt = std::min<int64_t>(kMaxTokens, B - t0);
+        float r[kMaxTokens][8];
+        switch (nt) {
+          case 4: int4_x8_rows<4>(L, g8, a, bsum.data(), t0, r); break;
+          case 3: int4_x8_rows<3>(L, g8, a, bsum.data(), t0, r); break;
+          case 2: int4_x8_rows<2>(L, g8, a, bsum.data(), t0, r); break;
+          default: int4_x8_rows<1>(L, g8, a, bsum.data(), t0, r);
+        }
+        for (int64_t j = 0; j < nt; ++j)
+          for (int i = 0; i < 8; ++i) write(t0 + j, g8 * 8 + i, r[j][i]);
+      }
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor int4_x8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias) {
+  return int4_x8_gemv(x, x8_layer(qweight, scales, offsets), bias);
+}
+
 constexpr int64_t kTileBytes = 256 * 1024;  // fp32 weight tile kept in L2 while it is used
 
 template <typename Dequant>
@@ -562,6 +727,13 @@ at::Tensor int8_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
 at::Tensor int4_linear_tiled(const at::Tensor& x, const at::Tensor& qweight,
                              const at::Tensor& scales, const at::Tensor& offsets,
                              const c10::optional<at::Tensor>& bias, bool bf16) {
+  if (is_interleaved(qweight)) {
+    const Int4X8Layer L = x8_layer(qweight, scales, offsets);
+    check_x(x, L.K, kBlock);
+    return finish(tiled_matmul(x, L.N, L.K, bf16,
+                               [&](int64_t r0, int64_t nr, float* dst) { dequant_int4_x8_rows(L, r0, nr, dst); }),
+                  x, bias);
+  }
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
   check_x(x, K, kBlock);
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
@@ -675,6 +847,14 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight, co
 at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(quant_packed_available(), "this build has no packed batch path (needs AVX-512 BF16 or AVX2 + FMA)");
+#ifdef AGENTCPU_PACKED
+  if (is_interleaved(qweight)) {
+    const Int4X8Layer L = x8_layer(qweight, scales, offsets);
+    check_x(x, L.K, kBlock);
+    return packed_matmul(x, L.N, L.K, bias,
+                         [&](int64_t r0, int64_t nr, float* dst) { dequant_int4_x8_rows(L, r0, nr, dst); });
+  }
+#endif
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
   check_x(x, K, kBlock);
   at::Tensor out;
