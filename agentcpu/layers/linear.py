@@ -20,9 +20,10 @@ from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.hardware.native_build import native_bf16_matmul
 from agentcpu.layers.amx_kernel import amx_kernel, amx_shape_ok
 from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel
+from agentcpu.layers.fast_module import FastModule
 
 
-class Linear(nn.Module):
+class Linear(FastModule):
     def __init__(
         self,
         in_features: int,

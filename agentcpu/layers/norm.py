@@ -4,10 +4,11 @@ compiled op where `fused_ops` is built)."""
 import torch
 from torch import nn
 
+from agentcpu.layers.fast_module import FastModule
 from agentcpu.layers.fused_ops import fused_for
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(FastModule):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps

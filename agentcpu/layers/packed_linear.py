@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agentcpu.layers.bf16_kernel import bf16_packed_kernel
+from agentcpu.layers.fast_module import FastModule
 from agentcpu.layers.linear import Linear
 
 BLOCK_ROWS = 16  # output rows per packed block (one 16-lane fp32 vector)
@@ -43,7 +44,7 @@ def packable(layer: nn.Module) -> bool:
     return layer.out_features % BLOCK_ROWS == 0 and layer.in_features % 2 == 0
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(FastModule):
     """A bf16 `Linear` in packed layout: same `forward(x)`, `in_features`,
     `out_features`, `bias`."""
 

@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
+from agentcpu.layers.fast_module import FastModule
 from agentcpu.layers.fused_ops import fused_for
 
 
@@ -87,7 +87,7 @@ def rope_inv_freq(
     return inv_freq, 1.0
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(FastModule):
     """Applies rope to q [T, H, D] and k [T, KVH, D] at integer positions [T]."""
 
     def __init__(self, head_dim: int, base: float, scaling: dict[str, Any] | None, max_pos: int):

@@ -13,6 +13,7 @@ from torch import nn
 
 from agentcpu.config import ModelConfig
 from agentcpu.layers.attention import AttentionMetadata, paged_attention
+from agentcpu.layers.fast_module import FastModule
 from agentcpu.layers.fused_ops import fused_for
 from agentcpu.layers.linear import Linear, dense_linear
 from agentcpu.layers.norm import RMSNorm
@@ -28,7 +29,7 @@ PACKED_MODULES = {
 }
 
 
-class Attention(nn.Module):
+class Attention(FastModule):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, -1))
 
 
-class MLP(nn.Module):
+class MLP(FastModule):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         inter = cfg.intermediate_size
@@ -81,7 +82,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(FastModule):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.self_attn = Attention(cfg, dtype)

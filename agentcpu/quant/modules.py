@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
+from agentcpu.layers.fast_module import FastModule
 from agentcpu.quant import formats, ops
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(FastModule):
     """Common part: shape attributes and an optional bias (kept in the model dtype)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
