@@ -36,7 +36,9 @@ def test_reassigned_submodule_and_parameter_are_what_forward_sees():
     m = Scale()
     m.inner = nn.ReLU()
     m.weight = nn.Parameter(torch.full((3,), 5.0), requires_grad=False)
-    assert _bound(m, "inner") is m._modules["inner"] and _bound(m, "weight") is m._parameters["weight"]
+    assert (
+        _bound(m, "inner") is m._modules["inner"] and _bound(m, "weight") is m._parameters["weight"]
+    )
     assert torch.equal(m(-torch.ones(3)), torch.zeros(3))
     m.add_module("inner", nn.Identity())  # replaced without __setattr__
     assert torch.equal(m(torch.ones(3)), torch.full((3,), 5.0))
