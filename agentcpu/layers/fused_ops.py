@@ -28,6 +28,8 @@ from agentcpu.layers.bf16_kernel import AMX_TILES, AVX2_MATH, TENSOR_ROWS
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual,
+    const at::Tensor& x, const at::Tensor& weight, double eps);
 void rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_sin,
     const at::Tensor& positions);
 at::Tensor silu_mul(const at::Tensor& gate_up);
@@ -36,7 +38,7 @@ void kv_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
 """
-FUNCTIONS = ["rms_norm", "rope_inplace", "silu_mul", "kv_write", "decode_attention"]
+FUNCTIONS = ["rms_norm", "add_rms_norm", "rope_inplace", "silu_mul", "kv_write", "decode_attention"]
 ATTENTION_COMMON = Path(__file__).with_name("csrc") / "bf16_attention_common.h"
 PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 PREFILL_DECLARATIONS = """

@@ -20,3 +20,14 @@ class RMSNorm(FastModule):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(
+        self, residual: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, this norm of it): the decoder's residual add and the norm after
+        it, one compiled op where it is built (the sum rounded to the dtype first, as the
+        unfused add is)."""
+        if x.dtype == self.weight.dtype == residual.dtype and (ops := fused_for(x)) is not None:
+            return ops.add_rms_norm(residual, x, self.weight, self.eps)
+        total = residual + x
+        return total, self.forward(total)

@@ -90,9 +90,18 @@ class DecoderLayer(FastModule):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, kv_cache, meta):
+        """`x`: the previous layer's MLP output (the embeddings for the first layer, with
+        `residual` None); `residual`: the stream it is added to. Returns this layer's
+        (MLP output, residual): each residual add is fused with the norm after it, so
+        the sum x + mlp(...) happens in the next layer (or the final norm)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(residual, x)
+        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        residual, h = self.post_attention_layernorm.add_forward(residual, h)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -129,10 +138,12 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rope, kv_cache, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm.add_forward(residual, x)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

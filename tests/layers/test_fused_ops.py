@@ -34,6 +34,33 @@ def test_rms_norm(dtype):
 
 @needs_fused
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_is_the_add_then_the_norm(dtype):
+    """The fused residual add rounds the sum to the dtype, as `residual + x` does, and the
+    norm of that sum is the unfused kernel's, bit for bit (same code after the sum)."""
+    residual, x = (torch.randn(2, 7, 96) * 4).to(dtype), (torch.randn(2, 7, 96) * 3).to(dtype)
+    w = (torch.randn(96) * 0.3 + 1).to(dtype)
+    total, normed = fused().add_rms_norm(residual, x, w, 1e-6)
+    assert total.shape == normed.shape == x.shape and total.dtype == normed.dtype == dtype
+    assert torch.equal(total, residual + x)
+    assert torch.equal(normed, fused().rms_norm(residual + x, w, 1e-6))
+    with pytest.raises(RuntimeError, match="same shape"):
+        fused().add_rms_norm(residual[:1], x, w, 1e-6)
+
+
+def test_rms_norm_add_forward_without_kernels_matches(monkeypatch):
+    from agentcpu.layers import norm
+
+    layer = norm.RMSNorm(32, 1e-6, torch.float32)
+    layer.weight.data.normal_()
+    residual, x = torch.randn(5, 32), torch.randn(5, 32)
+    expected = layer(residual + x)
+    monkeypatch.setattr(norm, "fused_for", lambda t: None)
+    total, normed = layer.add_forward(residual, x)
+    assert torch.equal(total, residual + x) and torch.allclose(normed, expected, rtol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(dtype):
     gate_up = (torch.randn(7, 2 * 40) * 3).to(dtype)
     gate, up = gate_up.split(40, dim=-1)

@@ -69,6 +69,28 @@ void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
   });
 }
 
+// sum = residual + x, rounded to T as the unfused add rounds it, then rms_norm(sum) * w:
+// the decoder's residual add and the norm after it in one pass over the row.
+template <typename T>
+void add_rms_norm_impl(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w, double eps,
+                       at::Tensor& sum, at::Tensor& out) {
+  const int64_t rows = x.size(0), D = x.size(1);
+  const T* rp = residual.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* sp = sum.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* srow = sp + r * D;
+      for (int64_t i = 0; i < D; ++i) srow[i] = static_cast<T>(to_f(rp[r * D + i]) + to_f(xp[r * D + i]));
+      const float inv = 1.f / std::sqrt(sum_squares(srow, D) / static_cast<float>(D) + static_cast<float>(eps));
+      T* o = op + r * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(to_f(wp[i]) * round_to<T>(to_f(srow[i]) * inv));
+    }
+  });
+}
+
 // x: rows of [heads, D] at stride (row_stride, head_stride), last dim contiguous.
 template <typename T>
 void rope_rows(T* x, int64_t tokens, int64_t heads, int64_t D, int64_t row_stride,
@@ -408,6 +430,22 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (x.scalar_type() == at::kFloat) rms_norm_impl<float>(x2, weight.contiguous(), eps, out);
   else rms_norm_impl<at::BFloat16>(x2, weight.contiguous(), eps, out);
   return agentcpu_rows::like_rows(out, x);
+}
+
+// (residual + x, rms_norm(residual + x) * weight), both in x's dtype and shape.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x,
+                                                const at::Tensor& weight, double eps) {
+  check_float_or_bf16(x, "x");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "residual, x and weight must share a dtype");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "residual and x must have the same shape");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "weight has ", weight.numel(), " elements, rows have ", D);
+  const at::Tensor x2 = agentcpu_rows::as_rows(x), r2 = agentcpu_rows::as_rows(residual);
+  at::Tensor sum = at::empty_like(x2), out = at::empty_like(x2);
+  if (x.scalar_type() == at::kFloat) add_rms_norm_impl<float>(r2, x2, weight.contiguous(), eps, sum, out);
+  else add_rms_norm_impl<at::BFloat16>(r2, x2, weight.contiguous(), eps, sum, out);
+  return {agentcpu_rows::like_rows(sum, x), agentcpu_rows::like_rows(out, x)};
 }
 
 // In place on q [T, H, D] and k [T, KVH, D] (views with contiguous last dim, e.g. slices
