@@ -167,10 +167,15 @@ def interleave_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     rows, half = w.qweight.shape
     if rows % INTERLEAVE_ROWS:
         raise QuantizationError(f"interleaving needs out_features a multiple of 8, got {rows}")
-    groups = rows // INTERLEAVE_ROWS
-    q = w.qweight.reshape(groups, INTERLEAVE_ROWS, half // (BLOCK // 2), 4, 4)  # [G8, r, b, p, i]
-    q = q.permute(0, 2, 3, 1, 4).reshape(groups, half // (BLOCK // 2), BLOCK * 4)
+    groups, blocks = rows // INTERLEAVE_ROWS, half // (BLOCK // 2)
+    q = w.qweight.reshape(groups, INTERLEAVE_ROWS, blocks, 4, 4)  # [group, row, block, p, byte]
+    q = q.permute(0, 2, 3, 1, 4).reshape(groups, blocks, BLOCK * 4)
     return (q.contiguous(), _interleave_rows(w.scales), _interleave_rows(w.offsets))
+
+
+def is_interleaved_int4(qweight: torch.Tensor) -> bool:
+    """Whether an int4 qweight is in `interleave_int4`'s layout (3-D) or in rows (2-D)."""
+    return qweight.dim() == 3
 
 
 def deinterleave_int4(

@@ -33,8 +33,6 @@ class QuantizedLinear(FastModule):
     def load_rows(self, start: int, weight: formats.Int8Weight | formats.Int4Weight) -> None:
         """Copy `weight` into output rows start.. (one part of a fused projection, as a
         GGUF loader fills a module made by `empty`); its format must match ours."""
-        if getattr(self, "interleaved", False):
-            raise formats.QuantizationError("load rows before interleave_rows(), not after")
         ours = self.weight_data
         for field in dataclasses.fields(ours):
             target, part = getattr(ours, field.name), getattr(weight, field.name)
@@ -152,7 +150,12 @@ class Int4Linear(QuantizedLinear):
 
     @property
     def interleaved(self) -> bool:
-        return self.qweight.dim() == 3
+        return formats.is_interleaved_int4(self.qweight)
+
+    def load_rows(self, start: int, weight: formats.Int4Weight) -> None:
+        if self.interleaved:  # weight_data would be a copy: the rows would be lost
+            raise formats.QuantizationError("load rows before interleave_rows(), not after")
+        super().load_rows(start, weight)
 
     def interleave_rows(self) -> bool:
         """Store the weight 8 rows interleaved, where the kernels read that layout and

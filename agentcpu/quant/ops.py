@@ -28,6 +28,7 @@ from agentcpu.quant.formats import (
     deinterleave_int4,
     dequantize_int4,
     dequantize_int8,
+    is_interleaved_int4,
 )
 from agentcpu.quant.kernels import kernels, native_bf16_matmul
 
@@ -114,11 +115,10 @@ def int4_linear(
     k = kernels()
     if k is None:
         return int4_linear_reference(x, qweight, scales, offsets, bias)
-    out_features, in_features = int4_shape(qweight)
     # On AVX2 the interleaved GEMV beats dequantizing into the packed layout at every
     # batch measured (Zen 3, int4-g32, 512 rows: gate_up 59 vs 75 ms, down 36 vs 63 ms)
-    gemv_always = qweight.dim() == 3 and not native_bf16_matmul()
-    if not gemv_always and _use_packed(x, out_features, in_features):
+    gemv_always = is_interleaved_int4(qweight) and not native_bf16_matmul()
+    if not gemv_always and _use_packed(x, *int4_shape(qweight)):
         return k.int4_linear_packed(x, qweight, scales, offsets, bias)
     if _use_tiled(x) or x.shape[-1] % GEMV_INT4_ALIGN:
         return k.int4_linear_tiled(x, qweight, scales, offsets, bias, _bf16_tiles(x))
@@ -140,14 +140,15 @@ def int4_linear_reference(
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    w = Int4Weight(qweight, scales, offsets)
-    if qweight.dim() == 3:
+    if is_interleaved_int4(qweight):
         w = deinterleave_int4(qweight, scales, offsets)
+    else:
+        w = Int4Weight(qweight, scales, offsets)
     return F.linear(x, dequantize_int4(w).to(x.dtype), bias)
 
 
 def int4_shape(qweight: torch.Tensor) -> tuple[int, int]:
     """(out_features, in_features) of an int4 qweight in either layout."""
-    if qweight.dim() == 3:
+    if is_interleaved_int4(qweight):
         return qweight.shape[0] * INTERLEAVE_ROWS, qweight.shape[1] * BLOCK
     return qweight.shape[0], qweight.shape[1] * 2

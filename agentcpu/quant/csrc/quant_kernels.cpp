@@ -402,130 +402,6 @@ void check_x(const at::Tensor& x, int64_t K, int64_t multiple) {
   TORCH_CHECK(K % multiple == 0, "in_features must be a multiple of ", multiple);
 }
 
-}  // namespace
-
-at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
-                            const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
-  const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1), group = K / G;
-  check_x(x, K, kBlock);
-  TORCH_CHECK(group % kBlock == 0, "int8 group size must be a multiple of ", kBlock);
-  const at::Tensor x2 = input_2d(x);
-  const int64_t B = x2.size(0);
-  const QuantActs a = quantize_acts(x2, group, false);
-  at::Tensor bias_keep;
-  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
-  const int8_t* wp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
-    const int8_t* w = wp + n * K;
-    const float* ws = sp + n * G;
-    float r[kMaxTokens];
-    if (G == 1) {
-      switch (nt) {
-        case 4: int8_row<4, true>(w, ws, K, group, a, t0, r, 1); break;
-        case 3: int8_row<3, true>(w, ws, K, group, a, t0, r, 1); break;
-        case 2: int8_row<2, true>(w, ws, K, group, a, t0, r, 1); break;
-        default: int8_row<1, true>(w, ws, K, group, a, t0, r, 1);
-      }
-    } else {
-      switch (nt) {
-        case 4: int8_row<4, false>(w, ws, K, group, a, t0, r, 1); break;
-        case 3: int8_row<3, false>(w, ws, K, group, a, t0, r, 1); break;
-        case 2: int8_row<2, false>(w, ws, K, group, a, t0, r, 1); break;
-        default: int8_row<1, false>(w, ws, K, group, a, t0, r, 1);
-      }
-    }
-    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
-  });
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
-}
-
-namespace {
-// the interleaved layout's GEMV (below, next to its dequantization)
-at::Tensor int4_x8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias);
-}  // namespace
-
-// qweight [N, K/2] (rows) or [N/8, K/32, 128] (interleaved, formats.interleave_int4)
-at::Tensor int4_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
-                            const at::Tensor& scales, const at::Tensor& offsets,
-                            const c10::optional<at::Tensor>& bias) {
-  if (qweight.dim() == 3) return int4_x8_linear_gemv(x, qweight, scales, offsets, bias);
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
-  const int64_t group = K / G;
-  check_x(x, K, kChunk4);
-  TORCH_CHECK(group % kBlock == 0, "int4 group size must be a multiple of ", kBlock);
-  TORCH_CHECK(group == kBlock || (group % kChunk4 == 0 && ((group / kChunk4) & (group / kChunk4 - 1)) == 0),
-              "int4 group must be 32 or 64 times a power of two, got ", group);
-  TORCH_CHECK(G <= kMaxGroups, "int4 GEMV takes at most ", kMaxGroups, " groups per row, got ", G);
-  const at::Tensor x2 = input_2d(x);
-  const int64_t B = x2.size(0);
-  const QuantActs a = quantize_acts(x2, group, true);
-  at::Tensor bias_keep;
-  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
-  Int4Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offsets.data_ptr<at::Half>(),
-              N, K, G, group, K / kChunk4, groups_stride(G), 0};
-  while ((kChunk4 << L.chunk_shift) < group) ++L.chunk_shift;
-  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
-    float r[kMaxTokens];
-    switch (nt) {
-      case 4: int4_row<4>(L, n, a, t0, r); break;
-      case 3: int4_row<3>(L, n, a, t0, r); break;
-      case 2: int4_row<2>(L, n, a, t0, r); break;
-      default: int4_row<1>(L, n, a, t0, r);
-    }
-    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
-  });
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
-}
-
-// ---- large batch: dequantize row tiles, multiply with at::mm ----
-
-namespace {
-
-void dequant_int8_rows(const int8_t* w, const float* scales, int64_t K, int64_t G, int64_t rows,
-                       float* dst) {
-  const int64_t group = K / G;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(scales[r * G + g]);
-      const int8_t* src = w + r * K + g * group;
-      float* d = dst + r * K + g * group;
-      int64_t i = 0;
-      for (; i + 8 <= group; i += 8) {
-        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
-        _mm256_storeu_ps(d + i, _mm256_mul_ps(f, s));
-      }
-      for (; i < group; ++i) d[i] = static_cast<float>(src[i]) * scales[r * G + g];
-    }
-}
-
-// 16 packed bytes (one Q4_0-order block) -> 32 floats q * s + m
-inline void dequant_int4_block(const uint8_t* b, __m256 s, __m256 m, float* o) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-  const __m128i halves[2] = {lo, hi};
-  for (int h = 0; h < 2; ++h)
-    for (int i = 0; i < 2; ++i) {
-      const __m128i q8 = i == 0 ? halves[h] : _mm_srli_si128(halves[h], 8);
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-      _mm256_storeu_ps(o + h * 16 + i * 8, _mm256_fmadd_ps(f, s, m));
-    }
-}
-
-void dequant_int4_rows(const uint8_t* w, const at::Half* scales, const at::Half* offsets,
-                       int64_t K, int64_t G, int64_t rows, float* dst) {
-  const int64_t group = K / G;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t blk = 0; blk < K / kBlock; ++blk) {
-      const int64_t g = r * G + blk * kBlock / group;
-      dequant_int4_block(w + r * K / 2 + blk * 16, _mm256_set1_ps(half_to_float(scales[g])),
-                         _mm256_set1_ps(half_to_float(offsets[g])), dst + r * K + blk * kBlock);
-    }
-}
-
 // ---- int4, 8 rows interleaved (quant/formats.py `interleave_int4`) ----
 // qweight uint8 [N/8, K/32, 128]: block b of row group g is 128 bytes whose 32-byte vector
 // p holds bytes 4p..4p+3 of the Q4_0 block of rows 0..7 in turn, so 32-bit lane r of
@@ -633,23 +509,6 @@ void int4_x8_rows(const Int4X8Layer& L, int64_t g8, const QuantActs& a, const fl
     _mm256_storeu_ps(out[j], kAcc == 2 ? _mm256_add_ps(acc[0][j], acc[kAcc - 1][j]) : acc[0][j]);
 }
 
-// Rows [r0, r0 + rows) as fp32 [rows][K] (r0 and rows multiples of 8): each row's 16
-// bytes of a block are gathered back into Q4_0 order, then dequantized as in the row layout.
-void dequant_int4_x8_rows(const Int4X8Layer& L, int64_t r0, int64_t rows, float* dst) {
-  for (int64_t g8 = r0 / 8; g8 < (r0 + rows) / 8; ++g8)
-    for (int64_t b = 0; b < L.nblocks; ++b) {
-      const uint8_t* wb = L.w + (g8 * L.nblocks + b) * 4 * kBlock;
-      const int64_t g = (g8 * L.G + (b >> L.block_shift)) * 8;
-      for (int r = 0; r < 8; ++r) {
-        alignas(16) uint8_t block[16];
-        for (int p = 0; p < 4; ++p) std::memcpy(block + 4 * p, wb + 32 * p + 4 * r, 4);
-        dequant_int4_block(block, _mm256_set1_ps(half_to_float(L.scales[g + r])),
-                           _mm256_set1_ps(half_to_float(L.offsets[g + r])),
-                           dst + (g8 * 8 + r - r0) * L.K + b * kBlock);
-      }
-    }
-}
-
 at::Tensor int4_x8_gemv(const at::Tensor& x, const Int4X8Layer& L, const c10::optional<at::Tensor>& bias) {
   check_x(x, L.K, kBlock);
   const at::Tensor x2 = input_2d(x);
@@ -676,9 +535,139 @@ at::Tensor int4_x8_gemv(const at::Tensor& x, const Int4X8Layer& L, const c10::op
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
-at::Tensor int4_x8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                               const at::Tensor& offsets, const c10::optional<at::Tensor>& bias) {
-  return int4_x8_gemv(x, x8_layer(qweight, scales, offsets), bias);
+}  // namespace
+
+at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  const int64_t N = qweight.size(0), K = qweight.size(1), G = scales.size(1), group = K / G;
+  check_x(x, K, kBlock);
+  TORCH_CHECK(group % kBlock == 0, "int8 group size must be a multiple of ", kBlock);
+  const at::Tensor x2 = input_2d(x);
+  const int64_t B = x2.size(0);
+  const QuantActs a = quantize_acts(x2, group, false);
+  at::Tensor bias_keep;
+  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
+    const int8_t* w = wp + n * K;
+    const float* ws = sp + n * G;
+    float r[kMaxTokens];
+    if (G == 1) {
+      switch (nt) {
+        case 4: int8_row<4, true>(w, ws, K, group, a, t0, r, 1); break;
+        case 3: int8_row<3, true>(w, ws, K, group, a, t0, r, 1); break;
+        case 2: int8_row<2, true>(w, ws, K, group, a, t0, r, 1); break;
+        default: int8_row<1, true>(w, ws, K, group, a, t0, r, 1);
+      }
+    } else {
+      switch (nt) {
+        case 4: int8_row<4, false>(w, ws, K, group, a, t0, r, 1); break;
+        case 3: int8_row<3, false>(w, ws, K, group, a, t0, r, 1); break;
+        case 2: int8_row<2, false>(w, ws, K, group, a, t0, r, 1); break;
+        default: int8_row<1, false>(w, ws, K, group, a, t0, r, 1);
+      }
+    }
+    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// qweight [N, K/2] (rows) or [N/8, K/32, 128] (interleaved, formats.interleave_int4)
+at::Tensor int4_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
+                            const at::Tensor& scales, const at::Tensor& offsets,
+                            const c10::optional<at::Tensor>& bias) {
+  if (is_interleaved(qweight)) return int4_x8_gemv(x, x8_layer(qweight, scales, offsets), bias);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = scales.size(1);
+  const int64_t group = K / G;
+  check_x(x, K, kChunk4);
+  TORCH_CHECK(group % kBlock == 0, "int4 group size must be a multiple of ", kBlock);
+  TORCH_CHECK(group == kBlock || (group % kChunk4 == 0 && ((group / kChunk4) & (group / kChunk4 - 1)) == 0),
+              "int4 group must be 32 or 64 times a power of two, got ", group);
+  TORCH_CHECK(G <= kMaxGroups, "int4 GEMV takes at most ", kMaxGroups, " groups per row, got ", G);
+  const at::Tensor x2 = input_2d(x);
+  const int64_t B = x2.size(0);
+  const QuantActs a = quantize_acts(x2, group, true);
+  at::Tensor bias_keep;
+  auto [out, write] = make_output(x, x2, N, bias, bias_keep);
+  Int4Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offsets.data_ptr<at::Half>(),
+              N, K, G, group, K / kChunk4, groups_stride(G), 0};
+  while ((kChunk4 << L.chunk_shift) < group) ++L.chunk_shift;
+  for_rows_and_tokens(N, B, [&](int64_t n, int64_t t0, int64_t nt) {
+    float r[kMaxTokens];
+    switch (nt) {
+      case 4: int4_row<4>(L, n, a, t0, r); break;
+      case 3: int4_row<3>(L, n, a, t0, r); break;
+      case 2: int4_row<2>(L, n, a, t0, r); break;
+      default: int4_row<1>(L, n, a, t0, r);
+    }
+    for (int64_t j = 0; j < nt; ++j) write(t0 + j, n, r[j]);
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// ---- large batch: dequantize row tiles, multiply with at::mm ----
+
+namespace {
+
+void dequant_int8_rows(const int8_t* w, const float* scales, int64_t K, int64_t G, int64_t rows,
+                       float* dst) {
+  const int64_t group = K / G;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(scales[r * G + g]);
+      const int8_t* src = w + r * K + g * group;
+      float* d = dst + r * K + g * group;
+      int64_t i = 0;
+      for (; i + 8 <= group; i += 8) {
+        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+        _mm256_storeu_ps(d + i, _mm256_mul_ps(f, s));
+      }
+      for (; i < group; ++i) d[i] = static_cast<float>(src[i]) * scales[r * G + g];
+    }
+}
+
+// 16 packed bytes (one Q4_0-order block) -> 32 floats q * s + m
+inline void dequant_int4_block(const uint8_t* b, __m256 s, __m256 m, float* o) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i halves[2] = {lo, hi};
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 2; ++i) {
+      const __m128i q8 = i == 0 ? halves[h] : _mm_srli_si128(halves[h], 8);
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+      _mm256_storeu_ps(o + h * 16 + i * 8, _mm256_fmadd_ps(f, s, m));
+    }
+}
+
+void dequant_int4_rows(const uint8_t* w, const at::Half* scales, const at::Half* offsets,
+                       int64_t K, int64_t G, int64_t rows, float* dst) {
+  const int64_t group = K / G;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t blk = 0; blk < K / kBlock; ++blk) {
+      const int64_t g = r * G + blk * kBlock / group;
+      dequant_int4_block(w + r * K / 2 + blk * 16, _mm256_set1_ps(half_to_float(scales[g])),
+                         _mm256_set1_ps(half_to_float(offsets[g])), dst + r * K + blk * kBlock);
+    }
+}
+
+// Rows [r0, r0 + rows) as fp32 [rows][K] (r0 and rows multiples of 8): each row's 16
+// bytes of a block are gathered back into Q4_0 order, then dequantized as in the row layout.
+void dequant_int4_x8_rows(const Int4X8Layer& L, int64_t r0, int64_t rows, float* dst) {
+  for (int64_t g8 = r0 / 8; g8 < (r0 + rows) / 8; ++g8)
+    for (int64_t b = 0; b < L.nblocks; ++b) {
+      const uint8_t* wb = L.w + (g8 * L.nblocks + b) * 4 * kBlock;
+      const int64_t g = (g8 * L.G + (b >> L.block_shift)) * 8;
+      for (int r = 0; r < 8; ++r) {
+        alignas(16) uint8_t block[16];
+        for (int p = 0; p < 4; ++p) std::memcpy(block + 4 * p, wb + 32 * p + 4 * r, 4);
+        dequant_int4_block(block, _mm256_set1_ps(half_to_float(L.scales[g + r])),
+                           _mm256_set1_ps(half_to_float(L.offsets[g + r])),
+                           dst + (g8 * 8 + r - r0) * L.K + b * kBlock);
+      }
+    }
 }
 
 constexpr int64_t kTileBytes = 256 * 1024;  // fp32 weight tile kept in L2 while it is used
