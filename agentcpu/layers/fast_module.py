@@ -11,12 +11,17 @@ int4 decode step of the Qwen2.5-0.5B shape.
 A `FastModule` subclass:
 - is called straight through its `forward` (`__call__` is `forward`), so forward hooks
   cannot run on it: registering one raises rather than being silently ignored;
-- keeps a copy of every submodule and parameter in its instance dict, so reading them is
-  an ordinary attribute hit. The copies follow every way torch changes those entries:
-  assignment and deletion (`__setattr__` / `__delattr__`), `add_module` /
-  `register_parameter`, and `_apply` (`.to()`, `.float()`, which may replace a
-  parameter object). Buffers are not copied: buffer
-  assignment and `_apply` replace them behind the instance dict.
+- keeps a copy of every submodule, parameter and buffer in its instance dict, so reading
+  them is an ordinary attribute hit. The copies follow every way torch changes those
+  entries: assignment and deletion (`__setattr__` / `__delattr__`), `add_module` /
+  `register_parameter` / `register_buffer`, `load_state_dict(assign=True)` (which
+  assigns), and `_apply` (`.to()`, `.float()`, which replace buffers and may replace a
+  parameter object). Writing `module._buffers[name]` (or `_parameters`, `_modules`)
+  directly bypasses them: use the methods above.
+
+The quantized linears read 3-4 buffers a call (weights, scales, offsets, bias), the
+packed bf16 ones 2: about 400 `__getattr__` calls a decode step of a 24-layer model
+before buffers were copied too.
 """
 
 from __future__ import annotations
@@ -46,15 +51,19 @@ class FastModule(nn.Module):
         super().register_parameter(name, param)
         self._sync_entry(name)
 
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._sync_entry(name)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        for name in self._parameters:
+        for name in (*self._parameters, *self._buffers):
             self._sync_entry(name)
         return out
 
     def _sync_entry(self, name: str) -> None:
-        """Copy `name` into the instance dict when it is a submodule or parameter."""
-        for store in ("_modules", "_parameters"):
+        """Copy `name` into the instance dict when it is a submodule, parameter or buffer."""
+        for store in ("_modules", "_parameters", "_buffers"):
             entries = self.__dict__.get(store)
             if entries is not None and name in entries:
                 object.__setattr__(self, name, entries[name])

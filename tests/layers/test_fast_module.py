@@ -71,3 +71,36 @@ def test_forward_hooks_are_refused_not_ignored():
         Scale().register_forward_hook(lambda *a: None)
     with pytest.raises(NotImplementedError, match="FastModule"):
         Scale().register_forward_pre_hook(lambda *a: None)
+
+
+class Shift(FastModule):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.full((3,), 1.0))
+        self.register_buffer("bias", None)
+
+    def forward(self, x):
+        out = x + self.offset
+        return out if self.bias is None else out + self.bias
+
+
+def test_buffers_are_bound_and_follow_assignment_and_apply():
+    m = Shift()
+    assert _bound(m, "offset") is m._buffers["offset"] and "bias" in m.__dict__
+    m.bias = torch.full((3,), 10.0)  # None -> tensor stays a buffer
+    assert _bound(m, "bias") is m._buffers["bias"]
+    assert torch.equal(m(torch.zeros(3)), torch.full((3,), 11.0))
+    m.double()  # _apply replaces every buffer object
+    assert m.offset is m._buffers["offset"] and m.offset.dtype == torch.float64
+    assert m(torch.zeros(3, dtype=torch.float64)).dtype == torch.float64
+    del m.bias
+    assert "bias" not in m.__dict__ and "bias" not in m._buffers
+
+
+def test_state_dict_loaded_by_assignment_is_what_forward_sees():
+    m = Shift()
+    m.load_state_dict({"offset": torch.full((3,), 4.0)}, assign=True)
+    assert m.offset is m._buffers["offset"]
+    assert torch.equal(m(torch.zeros(3)), torch.full((3,), 4.0))
+    m.load_state_dict({"offset": torch.full((3,), 6.0)})  # in-place copy: same object
+    assert torch.equal(m(torch.zeros(3)), torch.full((3,), 6.0))
