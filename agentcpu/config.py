@@ -128,7 +128,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     pin_ttl_s: float = 30.0  # how long a session's KV is kept after a turn
     pin_budget_fraction: float = 0.5  # share of the pool that pins may hold
-    spill_gb: float = 0.0  # disk budget for the KV of expired session pins (0: off)
+    spill_gb: float = 0.0  # disk budget for evicted KV blocks and expired pins (0: off)
     spill_dir: str | None = None  # default: a fresh temporary directory
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ class LLMEngine:
         self.kv_pool = allocate_kv_pool(config.model_config, num_blocks, block_size, dtype)
         if config.cache.enable_prefix_caching:
             self.kv.copy_tokens = self._copy_block_tokens
-        if config.cache.spill_gb > 0:
+        if config.cache.spill_gb > 0 and config.cache.enable_prefix_caching:
             spill_bytes = int(config.cache.spill_gb * (1 << 30))
             store = DiskKVStore(self.kv_pool, block_size, config.cache.spill_dir, spill_bytes)
             self.kv.attach_spill(store)

@@ -4,13 +4,15 @@ A block holding a full run of `block_size` tokens is identified by the hash of i
 tokens chained with its parent block's hash, so equal hashes mean equal prefixes (the
 radix tree of DESIGN.md, flattened to one dict). A block whose reference count drops to
 zero stays in the cache and goes to the back of the free queue; allocation takes blocks
-from the front, so the least recently freed cached prefix is evicted first.
+from the front, so the least recently freed cached prefix is evicted first. `on_evict`
+(the disk spill store, when there is one) sees each cached block just before its slots
+are reused.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from agentcpu.errors import CapacityError
 
@@ -32,6 +34,8 @@ class BlockPool:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # on_evict(block, chain_hash): a cached block is about to be overwritten
+        self.on_evict: Callable[[int, int], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -47,6 +51,8 @@ class BlockPool:
         blocks = []
         for _ in range(n):
             block, _ = self.free_queue.popitem(last=False)
+            if self.on_evict is not None and self.block_hash[block] is not None:
+                self.on_evict(block, self.block_hash[block])
             self._uncache(block)
             self.ref_counts[block] = 1
             blocks.append(block)

@@ -177,3 +177,67 @@ def test_partial_copy_is_dropped_when_its_source_is_the_block_missing(path):
     assert req.num_cached_tokens == 16 * 6 and req.num_preemptions == 0
     assert got == expected
     assert all(c == 0 for c in engine.kv.pool.ref_counts)
+
+
+def _tight_spilling_engine(path, num_blocks, spill_dir):
+    block_bytes = 2 * 3 * 16 * 2 * 16 * 4
+    return make_engine(
+        path,
+        max_model_len=1024,
+        kv_cache_gb=num_blocks * block_bytes / 2**30,
+        spill_gb=0.01,
+        spill_dir=str(spill_dir),
+    )
+
+
+def test_pin_released_under_pressure_is_restored_from_disk(path, tmp_path):
+    """The pressure case of the agent benchmark: a session's pin gives way to other
+    traffic and its blocks are evicted before it returns. They were written to disk on
+    eviction, so the session's next turn restores them instead of recomputing them, and
+    continues exactly as a cold engine would."""
+    engine = _tight_spilling_engine(path, 44, tmp_path)
+    history = random_prompts(1, [200], seed=51)[0]
+    first, _, _ = _run_one(engine, history, session="agent", ttl=60)
+    full_blocks = (len(history) + REPLY - 1) // 16  # computed tokens in whole blocks
+    big = random_prompts(1, [44 * 16 - REPLY], seed=52)[0]  # needs every block of the pool
+    _run_one(engine, big)
+    assert engine.kv.pins.stats.released_pressure == 1
+    assert engine.kv.spill.spilled_blocks >= full_blocks  # its blocks and the burst's
+    assert not engine.kv.pool.cached.keys() & engine.kv.spill.index.keys() - {None}
+    follow_up = history + first + random_prompts(1, [30], seed=53)[0]
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    restored_before = engine.kv.spill.restored_blocks
+    got, req, computed = _run_one(engine, follow_up, session="agent", ttl=60)
+    assert engine.kv.spill.restored_blocks - restored_before == full_blocks
+    assert req.num_cached_tokens == 16 * full_blocks
+    assert computed == len(follow_up) - 16 * full_blocks + REPLY - 1
+    assert got == expected
+
+
+def test_without_spill_the_released_session_is_recomputed(path):
+    """The control for the test above: same traffic, no disk store."""
+    engine = _tight_engine(path, 44)
+    history = random_prompts(1, [200], seed=51)[0]
+    first, _, _ = _run_one(engine, history, session="agent", ttl=60)
+    _run_one(engine, random_prompts(1, [44 * 16 - REPLY], seed=52)[0])
+    follow_up = history + first + random_prompts(1, [30], seed=53)[0]
+    _, req, _ = _run_one(engine, follow_up, session="agent", ttl=60)
+    assert req.num_cached_tokens == 0
+
+
+def test_a_failing_spill_write_loses_only_the_block(path, tmp_path):
+    """The spill directory vanishes (disk gone): evictions go on, nothing is stored, the
+    evicted prefix is recomputed and the output is still right."""
+    import shutil
+
+    spill_dir = tmp_path / "kv"
+    engine = _tight_spilling_engine(path, 44, spill_dir)
+    history = random_prompts(1, [200], seed=61)[0]
+    first, _, _ = _run_one(engine, history, session="agent", ttl=60)
+    shutil.rmtree(spill_dir)
+    _run_one(engine, random_prompts(1, [44 * 16 - REPLY], seed=62)[0])
+    assert engine.kv.spill.failed_writes > 0 and engine.kv.spill.spilled_blocks == 0
+    follow_up = history + first + random_prompts(1, [30], seed=63)[0]
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    got, req, _ = _run_one(engine, follow_up, session="agent", ttl=60)
+    assert req.num_cached_tokens == 0 and got == expected
