@@ -111,13 +111,21 @@ class KVCacheManager:
             hit.copy_from, hit.copy_tokens = source, n
 
     def _restore_from_disk(self, hashes: list[int]) -> int:
-        """Bring back the stored blocks continuing a prefix; they become cached blocks."""
+        """Bring back the stored blocks continuing a prefix; they become cached blocks.
+        Pins give way to make room, as in `allocate` (reading a block back is ~1,000x
+        cheaper than the prefill it saves, docs/kv-spill.md); if the run still does not
+        fit, its leading blocks that do are restored."""
         stored = []
         for h in hashes:
             if h not in self.spill:
                 break
             stored.append(h)
-        if len(stored) < self.min_restore_blocks or len(stored) > self.pool.num_free:
+        if len(stored) < self.min_restore_blocks:
+            return 0
+        while len(stored) > self.pool.num_free and self.pins.relieve_pressure():
+            pass
+        stored = stored[: self.pool.num_free]
+        if len(stored) < self.min_restore_blocks:
             return 0
         blocks = self.pool.allocate(len(stored))
         restored = 0

@@ -241,3 +241,28 @@ def test_a_failing_spill_write_loses_only_the_block(path, tmp_path):
     expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
     got, req, _ = _run_one(engine, follow_up, session="agent", ttl=60)
     assert req.num_cached_tokens == 0 and got == expected
+
+
+def test_restore_makes_room_by_releasing_pins(path, tmp_path):
+    """A returning session's stored run is longer than the free blocks because another
+    session's pin and a running request hold the pool: the pin gives way (as it would
+    for an allocation) and the run is restored, not recomputed."""
+    engine = _tight_spilling_engine(path, 44, tmp_path)
+    history = random_prompts(1, [200], seed=71)[0]
+    first, _, _ = _run_one(engine, history, session="a", ttl=60)
+    full_blocks = (len(history) + REPLY - 1) // 16
+    _run_one(engine, random_prompts(1, [44 * 16 - REPLY], seed=72)[0])  # evicts a's blocks
+    _run_one(engine, random_prompts(1, [300], seed=73)[0], session="b", ttl=60)  # pins 19 blocks
+    follow_up = history + first + random_prompts(1, [30], seed=74)[0]
+    expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
+    running = engine.add_request(random_prompts(1, [240], seed=75)[0], greedy(REPLY))
+    a = engine.add_request(follow_up, greedy(REPLY), session_id="a", pin_ttl_s=60)
+    engine.step()  # `running` takes 16 blocks: with b's pin, fewer than a's run are free
+    assert engine.kv.pins.stats.released_pressure == 2  # a's pin (burst), then b's
+    assert a.num_cached_tokens == 16 * full_blocks
+    got = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == a.request_id and o.finished:
+                got = o.token_ids
+    assert got == expected and running.num_preemptions == 0
