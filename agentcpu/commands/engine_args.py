@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from agentcpu.config import SchedulerConfig
-from agentcpu.kvcache.spill import default_spill_gb
+from agentcpu.kvcache import spill
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -38,7 +38,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
         type=_spill_gb,
         help="disk budget (GiB) for KV blocks evicted from the pool and expired session"
         " pins, restored when a prompt continues into them (0: off; default auto:"
-        " 10%% of the free space, at most 4, none on tmpfs)",
+        f" {spill.DEFAULT_SHARE_OF_FREE * 100:g}%% of the free space, at most"
+        f" {spill.DEFAULT_MAX_GB:g}, none on tmpfs)",
     )
     parser.add_argument(
         "--kv-spill-dir",
@@ -61,7 +62,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         max_step_ms=args.max_step_ms,
         enable_prefix_caching=not args.no_prefix_caching,
         threads=args.threads,
-        spill_gb=default_spill_gb(args.kv_spill_dir)
+        spill_gb=spill.default_spill_gb(args.kv_spill_dir)
         if args.kv_spill_gb == "auto"
         else args.kv_spill_gb,
         spill_dir=args.kv_spill_dir,

@@ -51,8 +51,9 @@ class BlockPool:
         blocks = []
         for _ in range(n):
             block, _ = self.free_queue.popitem(last=False)
-            if self.on_evict is not None and self.block_hash[block] is not None:
-                self.on_evict(block, self.block_hash[block])
+            evicted = self.block_hash[block]
+            if evicted is not None and self.on_evict is not None:
+                self.on_evict(block, evicted)
             self._uncache(block)
             self.ref_counts[block] = 1
             blocks.append(block)

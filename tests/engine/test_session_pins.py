@@ -137,9 +137,11 @@ def test_partly_shared_block_is_copied_and_continues_identically(path, kept_repl
     assert got == expected
 
 
-def _tight_engine(path, num_blocks):
+def _tight_engine(path, num_blocks, **options):
     block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
-    return make_engine(path, max_model_len=1024, kv_cache_gb=num_blocks * block_bytes / 2**30)
+    return make_engine(
+        path, max_model_len=1024, kv_cache_gb=num_blocks * block_bytes / 2**30, **options
+    )
 
 
 def _turn_filling(engine, history, first, num_blocks):
@@ -180,14 +182,7 @@ def test_partial_copy_is_dropped_when_its_source_is_the_block_missing(path):
 
 
 def _tight_spilling_engine(path, num_blocks, spill_dir):
-    block_bytes = 2 * 3 * 16 * 2 * 16 * 4
-    return make_engine(
-        path,
-        max_model_len=1024,
-        kv_cache_gb=num_blocks * block_bytes / 2**30,
-        spill_gb=0.01,
-        spill_dir=str(spill_dir),
-    )
+    return _tight_engine(path, num_blocks, spill_gb=0.01, spill_dir=str(spill_dir))
 
 
 def test_pin_released_under_pressure_is_restored_from_disk(path, tmp_path):
@@ -203,7 +198,7 @@ def test_pin_released_under_pressure_is_restored_from_disk(path, tmp_path):
     _run_one(engine, big)
     assert engine.kv.pins.stats.released_pressure == 1
     assert engine.kv.spill.spilled_blocks >= full_blocks  # its blocks and the burst's
-    assert not engine.kv.pool.cached.keys() & engine.kv.spill.index.keys() - {None}
+    assert not engine.kv.pool.cached.keys() & engine.kv.spill.index.keys()
     follow_up = history + first + random_prompts(1, [30], seed=53)[0]
     expected, _, _ = _run_one(make_engine(path, max_model_len=1024, kv_cache_gb=0.02), follow_up)
     restored_before = engine.kv.spill.restored_blocks
