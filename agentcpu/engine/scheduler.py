@@ -118,7 +118,9 @@ class Scheduler:
     def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hit = self.kv.match_prefix(request)
+            hit = self.kv.match_prefix(request, can_wait=bool(self.running))
+            if hit.waits_for_room:
+                break
             n = min(request.num_tokens - hit.num_tokens, budget)
             if not self.kv.allocate(request, n, hit):
                 break

@@ -31,6 +31,9 @@ class PrefixHit:
     copy_from: int | None = None
     copy_tokens: int = 0
     block_size: int = 0
+    # the request's stored KV run did not fit beside the running requests: admitting it
+    # now would recompute what the disk holds, so it waits for them to free blocks
+    waits_for_room: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -76,18 +79,22 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, request: Request) -> PrefixHit:
+    def match_prefix(self, request: Request, can_wait: bool = False) -> PrefixHit:
         """Cached blocks covering the request's longest known prefix, then the tokens of
         the next block that a session pin already holds.
+
+        Blocks of that prefix on the disk spill store are restored first. If they do not
+        fit with the request's other blocks and `can_wait` (running requests will free
+        blocks), nothing is restored and the hit says `waits_for_room`.
 
         At least one token is always left to compute, so the last forward yields logits.
         """
         self._extend_hashes(request, request.num_tokens - 1)
-        hits = self.pool.lookup(request.block_hashes)
-        restorable = self.spill is not None and self.pool.enable_prefix_caching
-        if restorable and self._restore_from_disk(request.block_hashes[len(hits) :]):
-            hits = self.pool.lookup(request.block_hashes)
-        hit = PrefixHit(hits, block_size=self.block_size)
+        if self.spill is not None and self.pool.enable_prefix_caching:
+            prompt_blocks = self.blocks_needed(request.num_tokens)
+            if not self._restore_from_disk(request.block_hashes, prompt_blocks, can_wait):
+                return PrefixHit(block_size=self.block_size, waits_for_room=True)
+        hit = PrefixHit(self.pool.lookup(request.block_hashes), block_size=self.block_size)
         if self.copy_tokens is not None:
             self._match_pinned_tokens(request, hit)
         return hit
@@ -110,32 +117,52 @@ class KVCacheManager:
         if n:
             hit.copy_from, hit.copy_tokens = source, n
 
-    def _restore_from_disk(self, hashes: list[int]) -> int:
-        """Bring back the stored blocks continuing a prefix; they become cached blocks.
-        Pins give way to make room, as in `allocate` (reading a block back is ~1,000x
-        cheaper than the prefill it saves, docs/kv-spill.md); if the run still does not
-        fit, its leading blocks that do are restored."""
-        stored = []
+    def _restore_from_disk(self, hashes: list[int], prompt_blocks: int, can_wait: bool) -> bool:
+        """Bring back the stored blocks of the prefix `hashes` (a chain whose blocks may
+        sit in the pool or on disk, in any mix); they become cached blocks. False when
+        they should wait: the run does not fit beside the prompt's other blocks and
+        `can_wait`.
+
+        The chain's blocks still in the pool are held while restoring, so that restoring
+        never evicts the prefix it extends (a request re-admitted each step would
+        otherwise trade its own blocks back and forth with the disk). Pins give way to
+        make room, as in `allocate` (reading a block back is ~1,000x cheaper than the
+        prefill it saves, docs/kv-spill.md). With nothing running to wait for, the
+        leading stored blocks that fit are restored and the rest is recomputed."""
+        chain: list[int | None] = []  # pool block, or None for a stored one
         for h in hashes:
-            if h not in self.spill:
+            block = self.pool.cached.get(h)
+            if block is None and h not in self.spill:
                 break
-            stored.append(h)
-        if len(stored) < self.min_restore_blocks:
-            return 0
-        while len(stored) > self.pool.num_free and self.pins.relieve_pressure():
-            pass
-        stored = stored[: self.pool.num_free]
-        if len(stored) < self.min_restore_blocks:
-            return 0
+            chain.append(block)
+        missing = [i for i, block in enumerate(chain) if block is None]
+        if len(missing) < self.min_restore_blocks:
+            return True
+        held = [block for block in chain if block is not None]
+        self.pool.reference(held)
+        try:
+            other = max(0, prompt_blocks - len(chain))  # blocks the tokens after the run need
+            while len(missing) + other > self.pool.num_free and self.pins.relieve_pressure():
+                pass
+            room = self.pool.num_free - other
+            if room < len(missing) and can_wait:
+                return False
+            self._restore_blocks([hashes[i] for i in missing[: max(0, room)]])
+        finally:
+            self.pool.release(reversed(held))
+        return True
+
+    def _restore_blocks(self, stored: list[int]) -> None:
+        """Read `stored` hashes into fresh blocks, in chain order, stopping at the first
+        that fails (what follows a gap in the chain is unreachable by lookup)."""
+        if not stored:
+            return
         blocks = self.pool.allocate(len(stored))
-        restored = 0
         for block, h in zip(blocks, stored, strict=True):
             if not self.spill.restore(h, block):
                 break
             self.pool.register(block, h)
-            restored += 1
         self.pool.release(reversed(blocks))
-        return restored
 
     def allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Give `request` blocks for `num_new_tokens` more tokens after its computed ones

@@ -1,14 +1,17 @@
 """Property test of the scheduler + KV manager over random arrivals, aborts and finishes.
 
 No model runs: a fake "compute" writes each token id into its cache slot, so a prefix hit
-(whole cached blocks, or tokens copied from a pinned block) can be checked against the
-tokens it claims to hold.
+(whole cached blocks, tokens copied from a pinned block, or blocks restored from the disk
+spill store) can be checked against the tokens it claims to hold.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 
+import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +21,7 @@ from agentcpu.engine.sampling_params import SamplingParams
 from agentcpu.engine.scheduler import Scheduler
 from agentcpu.engine.step_cost import StepCostModel
 from agentcpu.kvcache.manager import KVCacheManager
+from agentcpu.kvcache.spill import DiskKVStore
 
 BLOCK = 4
 NUM_BLOCKS = 12
@@ -47,21 +51,31 @@ def _check_invariants(kv: KVCacheManager, scheduler: Scheduler) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(event, min_size=20, max_size=60), st.integers(1, 16), st.integers(0, 8))
-def test_no_leak_no_shared_write(events, budget, prefill_cap):
+@pytest.mark.parametrize("spill", [False, True], ids=["pool-only", "disk-spill"])
+def test_no_leak_no_shared_write(spill, events, budget, prefill_cap):
     kv = KVCacheManager(NUM_BLOCKS, BLOCK, pin_budget_blocks=NUM_BLOCKS // 2)
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_step_ms=500)
     scheduler = Scheduler(config, kv)
     if prefill_cap:  # the step-time cap, as if learned: `prefill_cap` tokens beside decodes
         scheduler.cost = StepCostModel(min_chunk=1, decode_step_s=0.0, prefill_token_s=0.5 / prefill_cap)
-    slot_token: dict[int, int] = {}
+    # the "KV" of each slot is the token id computed there (-1: never written), laid out
+    # as the engine's pool [layers, k/v, slots, kv heads, head dim] for the spill store
+    slot_token = torch.full((1, 1, NUM_BLOCKS * BLOCK, 1, 1), -1, dtype=torch.int64)
+    with tempfile.TemporaryDirectory() as spill_dir:
+        if spill:  # room for a few blocks only: the store evicts too
+            kv.attach_spill(DiskKVStore(slot_token, BLOCK, spill_dir, 3 * NUM_BLOCKS * BLOCK * 8))
+        _run_events(kv, scheduler, slot_token, events)
+
+
+def _run_events(kv, scheduler, slot_token, events):
     live: list[Request] = []
     done: list[Request] = []
+    flat = slot_token.view(-1)
 
     def copy_tokens(source: int, target: int, n: int) -> None:
         assert kv.pool.ref_counts[source] > 0, "copying from a block nobody holds"
         assert kv.pool.ref_counts[target] == 1, "copying into a shared block"
-        for offset in range(n):
-            slot_token[target * BLOCK + offset] = slot_token.get(source * BLOCK + offset)
+        flat[target * BLOCK : target * BLOCK + n] = flat[source * BLOCK : source * BLOCK + n]
 
     kv.copy_tokens = copy_tokens
     for i, ev in enumerate(events):
@@ -84,27 +98,32 @@ def test_no_leak_no_shared_write(events, budget, prefill_cap):
             scheduler.finish(r, "abort")
         elif ev[0] == "step":
             for k in range(ev[2]):
-                _step(kv, scheduler, slot_token, live, done, ev[1] + k)
+                _step(kv, scheduler, flat, live, done, ev[1] + k)
         _check_invariants(kv, scheduler)
-    for r in live:
-        scheduler.finish(r, "abort")
+    # every request admitted can finish: nobody waits forever (for room, for a block)
+    for k in range(50 * NUM_BLOCKS * BLOCK):
+        if not live:
+            break
+        _step(kv, scheduler, flat, live, done, k)
+        _check_invariants(kv, scheduler)
+    assert not live and not scheduler.has_unfinished()
     for session in list(kv.pins.pins):
         kv.pins.unpin(session)
     assert kv.pool.num_free == NUM_BLOCKS
     assert all(c == 0 for c in kv.pool.ref_counts)
 
 
-def _step(kv, scheduler, slot_token, live, done, noise):
+def _step(kv, scheduler, flat, live, done, noise):
     for s in scheduler.schedule():
         r = s.request
         # a prefix hit must hold exactly this request's tokens
         for pos in range(r.num_computed_tokens):
             slot = r.block_ids[pos // BLOCK] * BLOCK + pos % BLOCK
-            assert slot_token.get(slot) == r.token(pos), "prefix hit holds other tokens"
+            assert flat[slot].item() == r.token(pos), "prefix hit holds other tokens"
         for pos in range(r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens):
             block = r.block_ids[pos // BLOCK]
             assert kv.pool.ref_counts[block] == 1, "writing into a shared block"
-            slot_token[block * BLOCK + pos % BLOCK] = r.token(pos)
+            flat[block * BLOCK + pos % BLOCK] = r.token(pos)
         sampled = s.samples
         r.num_computed_tokens += s.num_new_tokens
         kv.publish_computed(r)
