@@ -8,7 +8,9 @@ for the server. Requests enter as token ids (the caller tokenizes), leave as
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -32,6 +34,15 @@ from agentcpu.models.loader import DTYPES
 from agentcpu.models.loading import load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
+
+# a file to append one JSON line per engine step to (time, duration, decode and prefill
+# tokens, queue lengths, free and pinned KV blocks); unset: no log
+STEP_LOG_ENV = "AGENTCPU_STEP_LOG"
+
+
+def _open_step_log(path: str | None):
+    """Line-buffered, so a killed server leaves every finished step in the file."""
+    return open(path, "a", buffering=1) if path else None  # noqa: SIM115 (engine-lifetime)
 
 
 @dataclass
@@ -74,6 +85,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.step_log = _open_step_log(os.environ.get(STEP_LOG_ENV))
 
     def _copy_block_tokens(self, source: int, target: int, num_tokens: int) -> None:
         """The KV of `source`'s first `num_tokens` slots, in every layer, into `target`."""
@@ -164,13 +176,30 @@ class LLMEngine:
         results = self.runner.execute(scheduled)
         decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
         prefill = sum(s.num_new_tokens for s in scheduled) - decodes
-        self.scheduler.cost.observe(decodes, prefill, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.scheduler.cost.observe(decodes, prefill, elapsed)
         self.stats.steps += 1
+        if self.step_log is not None:
+            self._log_step(started, elapsed, decodes, prefill)
         for s in scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
             self.stats.computed_tokens += s.num_new_tokens
             self.kv.publish_computed(s.request)
         return [self._postprocess(self.requests[rid], res) for rid, res in results.items()]
+
+    def _log_step(self, started: float, elapsed: float, decodes: int, prefill: int) -> None:
+        """One JSON line per step (`AGENTCPU_STEP_LOG`): where a served run's time went."""
+        record = {
+            "t": round(started, 4),
+            "s": round(elapsed, 4),
+            "decodes": decodes,
+            "prefill": prefill,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.kv.pool.num_free,
+            "pinned_blocks": self.kv.pins.num_pinned_blocks,
+        }
+        self.step_log.write(json.dumps(record) + "\n")
 
     def _postprocess(self, request: Request, result: SampleResult) -> RequestOutput:
         if not request.output_token_ids:
