@@ -1,0 +1,150 @@
+"""Replay an agent workload through the real scheduler, KV manager, pins and disk spill
+store, with the forward pass faked and time simulated, to count the prompt tokens each
+turn computes.
+
+The served pressure benchmark takes ~25 minutes on 2 cores; this takes seconds and
+reproduces its per-turn recompute (session 17: 161.6k prompt tokens computed here
+against 157.1k served, the same turn-5/6 tail of whole-history recomputes), so a change
+to admission, eviction, pinning or restoring can be judged before the served run.
+
+What is real: `LLMEngine.step` with its scheduler, `KVCacheManager`, `SessionPins`
+(on a virtual clock) and `DiskKVStore` (writing real files), the BENCH.md workload from
+`agentcpu.bench.workloads`, and the KV pool's size in tokens (the pressure budget of the
+Qwen2.5-0.5B shape). What is not: the model (a tiny random checkpoint whose forward is
+replaced by a token draw), and time: each step advances the clock by
+`--step-ms + --token-ms x computed tokens` (defaults fit 2 Zen 3 cores, bf16), and a
+session's next turn arrives its drawn tool pause after its last one ends.
+
+Usage: python benchmarks/simulate_kv_pressure.py [--sessions 64] [--no-spill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import heapq
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+from agentcpu.bench.checkpoints import get_shape, hf_config, make_random_checkpoint
+from agentcpu.bench.workloads import build_jobs, load_workload, pressure_kv_cache_gib
+from agentcpu.engine.llm_engine import LLMEngine
+from agentcpu.engine.sampler import SampleResult
+from agentcpu.engine.sampling_params import SamplingParams
+from agentcpu.models.loading import resolve_engine_config
+
+REAL_KV_BYTES_PER_TOKEN = 12288  # Qwen2.5-0.5B shape, bf16: 24 layers x 2 x 2 heads x 64
+TEMPLATE_TOKENS = 4  # what a chat template adds around a tool result (approximate)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="agent-pressure")
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--pin-ttl", type=float, default=5.0, help="seconds (virtual)")
+    parser.add_argument("--step-ms", type=float, default=40.0)
+    parser.add_argument("--token-ms", type=float, default=5.0)
+    parser.add_argument("--no-spill", action="store_true", help="no disk spill store")
+    args = parser.parse_args()
+    spec = load_workload(args.workload, {"sessions": args.sessions, "concurrency": [args.sessions]})
+    jobs = build_jobs(spec, args.sessions)
+    kv_tokens = pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = _engine(Path(tmp), kv_tokens, spill=not args.no_spill)
+        per_turn, wall = _replay(engine, jobs, args)
+    _report(engine, per_turn, wall)
+
+
+def _engine(tmp: Path, kv_tokens: float, spill: bool) -> LLMEngine:
+    """An fp32 tiny-model engine whose KV pool holds `kv_tokens` tokens."""
+    shape = dataclasses.replace(get_shape("tiny-qwen2"), max_position_embeddings=16384)
+    path = make_random_checkpoint("tiny-qwen2", tmp / "model", dtype="float32")
+    (path / "config.json").write_text(json.dumps(hf_config(shape, "float32")))
+    kv_bytes_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 4
+    config = resolve_engine_config(
+        str(path),
+        dtype="float32",
+        max_model_len=16384,
+        kv_cache_gb=kv_tokens * kv_bytes_per_token / 2**30,
+        spill_gb=4.0 if spill else 0.0,
+        spill_dir=str(tmp / "spill"),
+    )
+    engine = LLMEngine(config)
+    draw = random.Random(1)
+
+    def fake_execute(scheduled):
+        return {
+            s.request.request_id: SampleResult(draw.randrange(600, 900), None, None)
+            for s in scheduled
+            if s.samples
+        }
+
+    engine.runner.execute = fake_execute
+    return engine
+
+
+def _replay(engine: LLMEngine, jobs, args) -> tuple[dict[int, list[int]], float]:
+    clock = [0.0]
+    engine.kv.pins.clock = lambda: clock[0]
+    history = {job.session: (list(job.first_prompt), 0) for job in jobs}
+    arrivals = [(0.0, job.session) for job in jobs]
+    heapq.heapify(arrivals)
+    live = {}
+    per_turn: dict[int, list[int]] = collections.defaultdict(list)
+    while arrivals or engine.has_unfinished():
+        while arrivals and arrivals[0][0] <= clock[0]:
+            _, session = heapq.heappop(arrivals)
+            tokens, turn = history[session]
+            params = SamplingParams(
+                max_tokens=jobs[session].turns[turn].max_tokens, ignore_eos=True, temperature=0
+            )
+            request = engine.add_request(
+                tokens, params, session_id=f"s{session}", pin_ttl_s=args.pin_ttl
+            )
+            live[request.request_id] = (session, request)
+        if not engine.has_unfinished():
+            clock[0] = arrivals[0][0]
+            continue
+        before = engine.stats.computed_tokens
+        outputs = engine.step()
+        clock[0] += (args.step_ms + args.token_ms * (engine.stats.computed_tokens - before)) / 1e3
+        for out in outputs:
+            if not out.finished:
+                continue
+            session, request = live.pop(out.request_id)
+            tokens, turn = history[session]
+            per_turn[turn + 1].append(len(tokens) - request.num_cached_tokens)
+            spec_turn = jobs[session].turns[turn]
+            if turn + 1 < len(jobs[session].turns):
+                # the client sends back its own rendering of the reply, not the sampled ids
+                tokens = tokens + spec_turn.synthetic_output + [5] * TEMPLATE_TOKENS
+                history[session] = (tokens + spec_turn.tool_result, turn + 1)
+                heapq.heappush(arrivals, (clock[0] + spec_turn.pause_s, session))
+    return per_turn, clock[0]
+
+
+def _report(engine: LLMEngine, per_turn: dict[int, list[int]], wall: float) -> None:
+    print(f"KV pool {engine.kv.pool.num_blocks} blocks; simulated wall {wall:.0f} s")
+    print("pins:", vars(engine.kv.pins.stats))
+    if engine.kv.spill is not None:
+        store = engine.kv.spill
+        print(f"spill: {store.spilled_blocks} blocks written, {store.restored_blocks} restored")
+    print("turn  requests  computed: median  mean  p90  max")
+    total = 0
+    for turn in sorted(per_turn):
+        values = sorted(per_turn[turn])
+        total += sum(values)
+        p90 = values[int(0.9 * len(values))]
+        print(
+            f"{turn:>4}  {len(values):>8}  {statistics.median(values):>16.0f}"
+            f"  {statistics.mean(values):>4.0f}  {p90:>3}  {values[-1]}"
+        )
+    print(f"prompt tokens computed: {total}")
+
+
+if __name__ == "__main__":
+    main()
