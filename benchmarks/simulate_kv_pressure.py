@@ -52,7 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_workload(args.workload, {"sessions": args.sessions, "concurrency": [args.sessions]})
     jobs = build_jobs(spec, args.sessions)
-    kv_tokens = pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
+    kv_tokens = (
+        pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
+    )
     with tempfile.TemporaryDirectory() as tmp:
         engine = _engine(Path(tmp), kv_tokens, spill=not args.no_spill)
         per_turn, wall = _replay(engine, jobs, args)
