@@ -29,7 +29,8 @@ class OutputOnlyKernels:
         return getattr(self._real, name)
 
     def int4_linear_gemv(self, x, qweight, scales, offsets, bias):
-        return torch.empty(*x.shape[:-1], qweight.shape[0], dtype=x.dtype)
+        out_features = ops.int4_shape(qweight)[0]  # rows or 8-row interleaved layout
+        return torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
 
     def int8_linear_gemv(self, x, qweight, scales, bias):
         return torch.zeros(*x.shape[:-1], qweight.shape[0], dtype=x.dtype)  # argmax-safe
