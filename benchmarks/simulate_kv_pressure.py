@@ -16,6 +16,7 @@ replaced by a token draw), and time: each step advances the clock by
 session's next turn arrives its drawn tool pause after its last one ends.
 
 Usage: python benchmarks/simulate_kv_pressure.py [--sessions 64] [--no-spill]
+(`simulate()` from Python; `tests/bench/test_simulate_kv_pressure.py` runs it.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,37 @@ REAL_KV_BYTES_PER_TOKEN = 12288  # Qwen2.5-0.5B shape, bf16: 24 layers x 2 x 2 h
 TEMPLATE_TOKENS = 4  # what a chat template adds around a tool result (approximate)
 
 
+@dataclasses.dataclass
+class Simulation:
+    """What a replay computed: prompt tokens computed by each request, per turn (1-based),
+    the simulated wall time, and the engine (its counters, pins and spill store)."""
+
+    per_turn: dict[int, list[int]]
+    wall_s: float
+    engine: LLMEngine
+
+
+def simulate(
+    sessions: int = 64,
+    spill: bool = True,
+    workload: str = "agent-pressure",
+    pin_ttl_s: float = 5.0,
+    step_ms: float = 40.0,
+    token_ms: float = 5.0,
+) -> Simulation:
+    """Replay `workload` with `sessions` sessions against the pressure KV budget."""
+    spec = load_workload(workload, {"sessions": sessions, "concurrency": [sessions]})
+    jobs = build_jobs(spec, sessions)
+    kv_tokens = (
+        pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
+    )
+    timing = argparse.Namespace(pin_ttl=pin_ttl_s, step_ms=step_ms, token_ms=token_ms)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = _engine(Path(tmp), kv_tokens, spill)
+        per_turn, wall = _replay(engine, jobs, timing)
+    return Simulation(per_turn, wall, engine)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="agent-pressure")
@@ -50,15 +82,10 @@ def main() -> None:
     parser.add_argument("--token-ms", type=float, default=5.0)
     parser.add_argument("--no-spill", action="store_true", help="no disk spill store")
     args = parser.parse_args()
-    spec = load_workload(args.workload, {"sessions": args.sessions, "concurrency": [args.sessions]})
-    jobs = build_jobs(spec, args.sessions)
-    kv_tokens = (
-        pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
+    sim = simulate(
+        args.sessions, not args.no_spill, args.workload, args.pin_ttl, args.step_ms, args.token_ms
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = _engine(Path(tmp), kv_tokens, spill=not args.no_spill)
-        per_turn, wall = _replay(engine, jobs, args)
-    _report(engine, per_turn, wall)
+    _report(sim.engine, sim.per_turn, sim.wall_s)
 
 
 def _engine(tmp: Path, kv_tokens: float, spill: bool) -> LLMEngine:
