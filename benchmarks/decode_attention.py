@@ -14,11 +14,10 @@ contexts on AVX2").
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from agentcpu.bench.kernels import time_round_robin
 from agentcpu.layers.attention import _decode_kernel
 from agentcpu.layers.fused_ops import fused
 
@@ -50,9 +49,7 @@ def main() -> None:
     for text in args.cases:
         heads, kv_heads, context, streams = (int(x) for x in text.split("x"))
         case = _case(heads, kv_heads, context, streams)
-        seconds = _time_calls(
-            _kernel_call(case), max(3, int(1e5 / (context * streams))), args.rounds
-        )
+        seconds, _best = time_round_robin({"kernel": _kernel_call(case)}, args.rounds)["kernel"]
         kv_bytes = streams * context * kv_heads * HEAD_DIM * 2 * 2
         keys_per_thread = streams * kv_heads * context / args.threads
         print(
@@ -71,18 +68,6 @@ def _kernel_call(case):
     if ops is None:
         raise SystemExit("no compiled decode attention on this machine")
     return lambda: ops.decode_attention(q, k_cache, v_cache, slots, lens, 0.125)
-
-
-def _time_calls(call, calls: int, rounds: int) -> float:
-    """Median seconds per call over `rounds` rounds of `calls` calls (after a warm-up)."""
-    call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

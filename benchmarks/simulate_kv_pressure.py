@@ -36,9 +36,10 @@ from agentcpu.bench.workloads import build_jobs, load_workload, pressure_kv_cach
 from agentcpu.engine.llm_engine import LLMEngine
 from agentcpu.engine.sampler import SampleResult
 from agentcpu.engine.sampling_params import SamplingParams
+from agentcpu.hardware.roofline import KV_BYTES_PER_ELEMENT, kv_bytes_per_token
 from agentcpu.models.loading import resolve_engine_config
 
-REAL_KV_BYTES_PER_TOKEN = 12288  # Qwen2.5-0.5B shape, bf16: 24 layers x 2 x 2 heads x 64
+REAL_SHAPE = "qwen2.5-0.5b"  # the served benchmark's model: its KV budget in tokens
 TEMPLATE_TOKENS = 4  # what a chat template adds around a tool result (approximate)
 
 
@@ -63,13 +64,11 @@ def simulate(
     """Replay `workload` with `sessions` sessions against the pressure KV budget."""
     spec = load_workload(workload, {"sessions": sessions, "concurrency": [sessions]})
     jobs = build_jobs(spec, sessions)
-    kv_tokens = (
-        pressure_kv_cache_gib(spec, REAL_KV_BYTES_PER_TOKEN) * 2**30 / REAL_KV_BYTES_PER_TOKEN
-    )
-    timing = argparse.Namespace(pin_ttl=pin_ttl_s, step_ms=step_ms, token_ms=token_ms)
+    real_bytes = kv_bytes_per_token(hf_config(get_shape(REAL_SHAPE), "bfloat16"))
+    kv_tokens = pressure_kv_cache_gib(spec, real_bytes) * 2**30 / real_bytes
     with tempfile.TemporaryDirectory() as tmp:
         engine = _engine(Path(tmp), kv_tokens, spill)
-        per_turn, wall = _replay(engine, jobs, timing)
+        per_turn, wall = _replay(engine, jobs, pin_ttl_s, step_ms / 1e3, token_ms / 1e3)
     return Simulation(per_turn, wall, engine)
 
 
@@ -93,12 +92,12 @@ def _engine(tmp: Path, kv_tokens: float, spill: bool) -> LLMEngine:
     shape = dataclasses.replace(get_shape("tiny-qwen2"), max_position_embeddings=16384)
     path = make_random_checkpoint("tiny-qwen2", tmp / "model", dtype="float32")
     (path / "config.json").write_text(json.dumps(hf_config(shape, "float32")))
-    kv_bytes_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 4
+    fp32_bytes = kv_bytes_per_token(hf_config(shape, "float32")) * 4 // KV_BYTES_PER_ELEMENT
     config = resolve_engine_config(
         str(path),
         dtype="float32",
         max_model_len=16384,
-        kv_cache_gb=kv_tokens * kv_bytes_per_token / 2**30,
+        kv_cache_gb=kv_tokens * fp32_bytes / 2**30,
         spill_gb=4.0 if spill else 0.0,
         spill_dir=str(tmp / "spill"),
     )
@@ -116,7 +115,9 @@ def _engine(tmp: Path, kv_tokens: float, spill: bool) -> LLMEngine:
     return engine
 
 
-def _replay(engine: LLMEngine, jobs, args) -> tuple[dict[int, list[int]], float]:
+def _replay(
+    engine: LLMEngine, jobs, pin_ttl_s: float, step_s: float, token_s: float
+) -> tuple[dict[int, list[int]], float]:
     clock = [0.0]
     engine.kv.pins.clock = lambda: clock[0]
     history = {job.session: (list(job.first_prompt), 0) for job in jobs}
@@ -132,7 +133,7 @@ def _replay(engine: LLMEngine, jobs, args) -> tuple[dict[int, list[int]], float]
                 max_tokens=jobs[session].turns[turn].max_tokens, ignore_eos=True, temperature=0
             )
             request = engine.add_request(
-                tokens, params, session_id=f"s{session}", pin_ttl_s=args.pin_ttl
+                tokens, params, session_id=f"s{session}", pin_ttl_s=pin_ttl_s
             )
             live[request.request_id] = (session, request)
         if not engine.has_unfinished():
@@ -140,7 +141,7 @@ def _replay(engine: LLMEngine, jobs, args) -> tuple[dict[int, list[int]], float]
             continue
         before = engine.stats.computed_tokens
         outputs = engine.step()
-        clock[0] += (args.step_ms + args.token_ms * (engine.stats.computed_tokens - before)) / 1e3
+        clock[0] += step_s + token_s * (engine.stats.computed_tokens - before)
         for out in outputs:
             if not out.finished:
                 continue

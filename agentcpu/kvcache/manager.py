@@ -90,11 +90,14 @@ class KVCacheManager:
         At least one token is always left to compute, so the last forward yields logits.
         """
         self._extend_hashes(request, request.num_tokens - 1)
-        if self.spill is not None and self.pool.enable_prefix_caching:
+        hashes = request.block_hashes
+        hits = self.pool.lookup(hashes)
+        if self.spill is not None and len(hits) < len(hashes) and hashes[len(hits)] in self.spill:
             prompt_blocks = self.blocks_needed(request.num_tokens)
-            if not self._restore_from_disk(request.block_hashes, prompt_blocks, can_wait):
+            if not self._restore_from_disk(hashes, prompt_blocks, can_wait):
                 return PrefixHit(block_size=self.block_size, waits_for_room=True)
-        hit = PrefixHit(self.pool.lookup(request.block_hashes), block_size=self.block_size)
+            hits = self.pool.lookup(hashes)
+        hit = PrefixHit(hits, block_size=self.block_size)
         if self.copy_tokens is not None:
             self._match_pinned_tokens(request, hit)
         return hit
