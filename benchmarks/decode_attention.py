@@ -18,8 +18,7 @@ import argparse
 import torch
 
 from agentcpu.bench.kernels import time_round_robin
-from agentcpu.layers.attention import _decode_kernel
-from agentcpu.layers.fused_ops import fused
+from agentcpu.layers.attention import decode_attention_op
 
 BLOCK = 16
 HEAD_DIM = 64
@@ -61,14 +60,11 @@ def main() -> None:
 def _kernel_call(case):
     """The engine's decode attention kernel for this CPU, bound to `case`."""
     q, k_cache, v_cache, slots, lens = case
-    special = _decode_kernel(q, k_cache)  # VDPBF16PS where the CPU has AVX-512 BF16
-    if special is not None:
-        return lambda: special.decode_attention_bf16(q, k_cache, v_cache, slots, lens, 0.125)
-    ops = fused()
-    if ops is None:
+    op = decode_attention_op(q.dtype, q.shape[1], q.shape[-1], k_cache)  # VDPBF16PS on AVX-512 BF16
+    if op is None:
         raise SystemExit("no compiled decode attention on this machine")
-    return lambda: ops.decode_attention(q, k_cache, v_cache, slots, lens, 0.125)
-
+    kernel = getattr(*op)
+    return lambda: kernel(q, k_cache, v_cache, slots, lens, 0.125)
 
 if __name__ == "__main__":
     main()

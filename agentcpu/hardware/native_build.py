@@ -74,8 +74,13 @@ def build_extension(
 
         return load_inline(
             name=f"agentcpu_{name}_{cpu_digest()}",
-            cpp_sources=[declarations, *(p.read_text() for p in prelude), source.read_text()],
-            functions=functions,
+            cpp_sources=[
+                declarations,
+                *(p.read_text() for p in prelude),
+                source.read_text(),
+                address_table(functions),
+            ],
+            functions=[*functions, ADDRESS_TABLE],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -83,6 +88,26 @@ def build_extension(
     except Exception as exc:  # compiler, ninja or headers missing: fall back, loudly
         log.warning("compiled %s kernels unavailable, using the PyTorch path: %s", name, exc)
         return None
+
+
+ADDRESS_TABLE = "agentcpu_addresses"
+
+
+def address_table(functions: list[str]) -> str:
+    """C++ for `agentcpu_addresses()`: the address of each of `functions`, by name.
+
+    Lets one extension call another's ops without Python in between: the decode stack
+    (`layers/decode_stack.py`) runs a whole decode step in one native call through
+    these addresses. The caller casts each address back to the function's C++ type,
+    so it must declare the same signature as the `declarations` here (both sides are
+    compiled by this module against the same torch headers)."""
+    entries = ", ".join(f'{{"{f}", reinterpret_cast<int64_t>(&{f})}}' for f in functions)
+    return f"std::map<std::string, int64_t> {ADDRESS_TABLE}() {{ return {{{entries}}}; }}\n"
+
+
+def kernel_addresses(module: ModuleType) -> dict[str, int]:
+    """Name -> address of the ops of an extension built by `build_extension`."""
+    return dict(getattr(module, ADDRESS_TABLE)())
 
 
 def build_probed_extension(

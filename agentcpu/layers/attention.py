@@ -12,6 +12,7 @@ slot is `block_id * block_size + offset`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -81,14 +82,23 @@ def paged_attention(
     return out
 
 
-def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor):
-    """The VDPBF16PS decode attention where it applies (bf16 on AVX-512 BF16, head_dim a
-    multiple of 32, at most 8 query heads per KV head): 2-3x the AVX2 kernel."""
-    if q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16 or q.shape[-1] % 32:
+def decode_attention_op(
+    dtype: torch.dtype, heads: int, head_dim: int, k_cache: torch.Tensor
+) -> tuple[ModuleType, str] | None:
+    """(extension, op name) of the compiled decode attention for this model's queries
+    over `k_cache`, both taking (q, k_cache, v_cache, slots, lens, scale); None where
+    PyTorch's SDPA runs. The VDPBF16PS kernel where it applies (bf16 on AVX-512 BF16,
+    head_dim a multiple of 32, at most 8 query heads per KV head: 2-3x the AVX2 kernel),
+    else the fused AVX2 one. The decode stack (`models/decode_stack.py`) asks too."""
+    if k_cache.dtype != dtype:
         return None
-    if q.shape[1] // k_cache.shape[1] > DECODE_MAX_GROUP:
-        return None
-    return decode_attention_kernel()
+    bf16_ok = dtype == torch.bfloat16 and head_dim % 32 == 0
+    if bf16_ok and heads // k_cache.shape[1] <= DECODE_MAX_GROUP:
+        if (kernel := decode_attention_kernel()) is not None:
+            return kernel, "decode_attention_bf16"
+    if (ops := fused_for(k_cache)) is not None:
+        return ops, "decode_attention"
+    return None
 
 
 def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor):
@@ -102,11 +112,10 @@ def _prefill_kernel(q: torch.Tensor, k_cache: torch.Tensor):
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    if meta.decode_lens is not None and (kernel := _decode_kernel(q, k_cache)) is not None:
-        args = (q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
-        return kernel.decode_attention_bf16(*args)
-    if meta.decode_lens is not None and (ops := fused_for(q)) is not None:
-        return ops.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
+    op = decode_attention_op(q.dtype, q.shape[1], q.shape[-1], k_cache)
+    if meta.decode_lens is not None and op is not None:
+        module, name = op
+        return getattr(module, name)(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
     values = v_cache[meta.decode_slots].transpose(1, 2)
     out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask, False, scale)  # [B, H, 1, D]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +19,42 @@ from torch import nn
 
 from agentcpu.errors import ModelLoadError
 from agentcpu.hardware.cpu_features import detect_cpu
-from agentcpu.hardware.native_build import native_bf16_matmul
+from agentcpu.hardware.native_build import kernel_addresses, native_bf16_matmul
 from agentcpu.layers.amx_kernel import amx_kernel, amx_shape_ok
 from agentcpu.layers.bf16_kernel import bf16_dot_kernel, bf16_kernel
 from agentcpu.layers.fast_module import FastModule
+
+# Largest batch a decode stack is asked to serve (`LinearOp.max_rows` is capped here).
+DECODE_STACK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """A linear layer's compiled op for decode-sized batches, for the decode stack
+    (`models/decode_stack.py`) to call natively: the op at `address` takes
+    (x, *weights, bias) and is what the layer's `forward` runs for 1..`max_rows` rows."""
+
+    address: int
+    weights: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None
+    max_rows: int
+
+
+def linear_op(
+    module: ModuleType,
+    name: str,
+    weights: tuple[torch.Tensor, ...],
+    bias: torch.Tensor | None,
+    serves: Callable[[int], bool],
+) -> LinearOp | None:
+    """`LinearOp` for extension `module`'s op `name`, serving the batch sizes from 1 for
+    which `serves(rows)` holds (None if not even 1)."""
+    rows = 0
+    while rows < DECODE_STACK_ROWS and serves(rows + 1):
+        rows += 1
+    if rows == 0:
+        return None
+    return LinearOp(kernel_addresses(module)[name], weights, bias, rows)
 
 
 class Linear(FastModule):
@@ -58,6 +92,18 @@ class Linear(FastModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias)
 
+    def decode_op(self, dtype: torch.dtype) -> LinearOp | None:
+        """The compiled op `forward` runs for small batches of `dtype`, if any."""
+        kernel = dense_kernel(1, dtype, self.weight)
+        if kernel is None:
+            return None
+        return linear_op(
+            *kernel,
+            (self.weight,),
+            self.bias,
+            lambda rows: dense_kernel(rows, dtype, self.weight) == kernel,
+        )
+
 
 # Up to this many rows the compiled small-batch kernel beats widening the weight to
 # fp32 for one MKL GEMM (batched decode; measured at 64 streams: 88 vs 64 tok/s with the
@@ -79,7 +125,7 @@ AMX_MAX_ROWS = 128
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias. Where the CPU multiplies bf16 natively, decode-sized bf16
-    products go to our kernels (`_native_bf16_kernel`), the rest to PyTorch's oneDNN
+    products go to our kernels (`dense_kernel`), the rest to PyTorch's oneDNN
     GEMM. Where it does not, a bf16 product of up to `SMALL_BATCH_MAX_ROWS` rows goes to
     the compiled AVX2 small-batch kernel (weights read once with software prefetch, fp32
     FMAs; `csrc/bf16_linear.cpp`) — at one row too, where it decodes ~20 % faster than
@@ -89,25 +135,35 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if weight.dtype != torch.bfloat16 or rows == 0:
         return F.linear(x, weight, bias)
+    if (kernel := dense_kernel(rows, x.dtype, weight)) is not None:
+        module, name = kernel
+        return getattr(module, name)(x, weight, bias)
     if native_bf16_matmul():
-        kernel = _native_bf16_kernel(rows, x, weight)
-        return F.linear(x, weight, bias) if kernel is None else kernel(x, weight, bias)
-    if rows <= SMALL_BATCH_MAX_ROWS and (small := bf16_kernel()) is not None:
-        return small.bf16_linear_small_batch(x, weight, bias)
+        return F.linear(x, weight, bias)
     wide_bias = None if bias is None else bias.float()
     return F.linear(x.float(), _widened(weight), wide_bias).to(x.dtype)
 
 
-def _native_bf16_kernel(rows: int, x: torch.Tensor, weight: torch.Tensor) -> Callable | None:
-    """Our kernel for a bf16 product of `rows` rows on a CPU with native bf16 matmul:
-    the AMX tile kernel where enabled and the weight tiles, else the VDPBF16PS kernel up
-    to its row cap; None for PyTorch's GEMM."""
-    if x.dtype != torch.bfloat16:
+def dense_kernel(
+    rows: int, dtype: torch.dtype, weight: torch.Tensor
+) -> tuple[ModuleType, str] | None:
+    """(extension, op name) of our kernel for a bf16-weight product of `rows` rows of
+    `dtype`, or None where PyTorch runs it. On a CPU with native bf16 matmul: the AMX
+    tile kernel where enabled and the weight tiles, else the VDPBF16PS kernel up to its
+    row cap, for bf16 activations. Elsewhere the AVX2 small-batch kernel up to
+    `SMALL_BATCH_MAX_ROWS`. The decode stack (`decode_stack.py`) asks too."""
+    if weight.dtype != torch.bfloat16:
+        return None
+    if not native_bf16_matmul():
+        if rows <= SMALL_BATCH_MAX_ROWS and (small := bf16_kernel()) is not None:
+            return small, "bf16_linear_small_batch"
+        return None
+    if dtype != torch.bfloat16:
         return None
     if rows <= AMX_MAX_ROWS and amx_shape_ok(weight.shape) and (amx := amx_kernel()) is not None:
-        return amx.amx_bf16_linear
+        return amx, "amx_bf16_linear"
     if rows <= dot_max_rows() and (dot := bf16_dot_kernel()) is not None:
-        return dot.bf16_dot_linear
+        return dot, "bf16_dot_linear"
     return None
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from agentcpu.layers.bf16_kernel import bf16_packed_kernel
 from agentcpu.layers.fast_module import FastModule
-from agentcpu.layers.linear import Linear
+from agentcpu.layers.linear import Linear, LinearOp, linear_op
 
 BLOCK_ROWS = 16  # output rows per packed block (one 16-lane fp32 vector)
 
@@ -71,6 +71,14 @@ class PackedLinear(FastModule):
             return self.kernel.bf16_packed_linear(x, self.packed, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def decode_op(self, dtype: torch.dtype) -> LinearOp | None:
+        """The packed kernel, which `forward` runs for bf16 batches of every size."""
+        if dtype != torch.bfloat16 or self.kernel is None:
+            return None
+        return linear_op(
+            self.kernel, "bf16_packed_linear", (self.packed,), self.bias, lambda rows: True
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

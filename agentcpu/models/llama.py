@@ -18,6 +18,8 @@ from agentcpu.layers.fused_ops import fused_for
 from agentcpu.layers.linear import Linear, dense_linear
 from agentcpu.layers.norm import RMSNorm
 from agentcpu.layers.rope import RotaryEmbedding
+from agentcpu.models import decode_stack
+from agentcpu.models.decode_stack import DecodeStack
 
 # checkpoint module name -> (our fused module, shard name)
 PACKED_MODULES = {
@@ -130,6 +132,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        self.reset_decode_stack()
+
+    def reset_decode_stack(self) -> None:
+        """Forget the native decode stack (`decode_stack.py`), which holds the weights and
+        KV caches it was built with: call after replacing either."""
+        self._stack_caches: object = None
+        self._stack: DecodeStack | None = None
 
     def forward(
         self,
@@ -138,12 +147,25 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if meta.num_decode == input_ids.shape[0] and not meta.prefills:
+            stack = self._decode_stack(kv_caches)
+            if stack is not None and meta.num_decode <= stack.max_rows:
+                x = self.model.embed_tokens(input_ids)
+                if x.dtype == stack.dtype == self.rope.cos_sin.dtype:
+                    return stack.run(x, positions, self.rope.cos_sin, meta)
         x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm.add_forward(residual, x)[1]
+
+    def _decode_stack(self, kv_caches) -> DecodeStack | None:
+        """The stack over `kv_caches`, built at the first decode step that uses them."""
+        if self._stack_caches is not kv_caches:
+            self._stack = decode_stack.build_stack(self, kv_caches)
+            self._stack_caches = kv_caches
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from agentcpu.layers.fast_module import FastModule
+from agentcpu.layers.linear import LinearOp, linear_op
 from agentcpu.quant import formats, ops
 
 
@@ -101,6 +102,18 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.qweight, self.scales, self.bias)
 
+    def decode_op(self, dtype: torch.dtype) -> LinearOp | None:
+        """The GEMV, for the batch sizes `forward` sends to it."""
+        if (k := ops.kernels()) is None:
+            return None
+        return linear_op(
+            k,
+            "int8_linear_gemv",
+            (self.qweight, self.scales),
+            self.bias,
+            lambda rows: ops.int8_path(rows, dtype, self.qweight, self.scales) == "gemv",
+        )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.weight_data.group_size}"
 
@@ -180,6 +193,18 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.bias)
+
+    def decode_op(self, dtype: torch.dtype) -> LinearOp | None:
+        """The GEMV, for the batch sizes `forward` sends to it."""
+        if (k := ops.kernels()) is None:
+            return None
+        return linear_op(
+            k,
+            "int4_linear_gemv",
+            (self.qweight, self.scales, self.offsets),
+            self.bias,
+            lambda rows: ops.int4_path(rows, dtype, self.qweight) == "gemv",
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.weight_data.group_size}"

@@ -52,13 +52,13 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def _use_tiled(x: torch.Tensor) -> bool:
+def _use_tiled(rows: int, dtype: torch.dtype) -> bool:
     """Dequantize + oneDNN for big batches where bf16 matmul is fast, except for bf16
     batches on CPUs with the packed path (below its threshold the GEMV is faster than
     oneDNN's tiles there: 2.7-3.0 vs 4.9 ms for gate_up at 32 rows)."""
-    if not native_bf16_matmul() or _tokens(x) < TILED_MIN_TOKENS:
+    if not native_bf16_matmul() or rows < TILED_MIN_TOKENS:
         return False
-    return not (packed_path() and x.dtype == torch.bfloat16)
+    return not (packed_path() and dtype == torch.bfloat16)
 
 
 @functools.cache
@@ -75,8 +75,8 @@ def packed_min_tokens() -> int:
     return PACKED_MIN_TOKENS if native_bf16_matmul() else PACKED_MIN_TOKENS_AVX2
 
 
-def _use_packed(x: torch.Tensor, out_features: int, in_features: int) -> bool:
-    if x.dtype != torch.bfloat16 or not packed_path() or _tokens(x) < packed_min_tokens():
+def _use_packed(rows: int, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    if dtype != torch.bfloat16 or not packed_path() or rows < packed_min_tokens():
         return False
     return out_features % BLOCK_ROWS == 0 and in_features % 2 == 0
 
@@ -87,6 +87,31 @@ def _bf16_tiles(x: torch.Tensor) -> bool:
     return native_bf16_matmul() and x.dtype == torch.bfloat16
 
 
+def int8_path(rows: int, dtype: torch.dtype, qweight: torch.Tensor, scales: torch.Tensor) -> str:
+    """The compiled kernel `int8_linear` runs for `rows` rows of `dtype`: "packed",
+    "tiled" or "gemv" (the decode stack asks too: `layers/decode_stack.py`)."""
+    if _use_packed(rows, dtype, qweight.shape[0], qweight.shape[1]):
+        return "packed"
+    group = qweight.shape[1] // scales.shape[1]
+    if _use_tiled(rows, dtype) or qweight.shape[1] % GEMV_INT8_ALIGN or group % GEMV_INT8_ALIGN:
+        return "tiled"
+    return "gemv"
+
+
+def int4_path(rows: int, dtype: torch.dtype, qweight: torch.Tensor) -> str:
+    """The compiled kernel `int4_linear` runs for `rows` rows of `dtype`: "packed",
+    "tiled" or "gemv"."""
+    # On AVX2 the interleaved GEMV beats dequantizing into the packed layout at every
+    # batch measured (Zen 3, int4-g32, 512 rows: gate_up 59 vs 75 ms, down 36 vs 63 ms)
+    gemv_always = is_interleaved_int4(qweight) and not native_bf16_matmul()
+    out_features, in_features = int4_shape(qweight)
+    if not gemv_always and _use_packed(rows, dtype, out_features, in_features):
+        return "packed"
+    if _use_tiled(rows, dtype) or in_features % GEMV_INT4_ALIGN:
+        return "tiled"
+    return "gemv"
+
+
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -94,10 +119,10 @@ def int8_linear(
     k = kernels()
     if k is None:
         return int8_linear_reference(x, qweight, scales, bias)
-    if _use_packed(x, qweight.shape[0], qweight.shape[1]):
+    path = int8_path(_tokens(x), x.dtype, qweight, scales)
+    if path == "packed":
         return k.int8_linear_packed(x, qweight, scales, bias)
-    group = qweight.shape[1] // scales.shape[1]
-    if _use_tiled(x) or x.shape[-1] % GEMV_INT8_ALIGN or group % GEMV_INT8_ALIGN:
+    if path == "tiled":
         return k.int8_linear_tiled(x, qweight, scales, bias, _bf16_tiles(x))
     return k.int8_linear_gemv(x, qweight, scales, bias)
 
@@ -115,12 +140,10 @@ def int4_linear(
     k = kernels()
     if k is None:
         return int4_linear_reference(x, qweight, scales, offsets, bias)
-    # On AVX2 the interleaved GEMV beats dequantizing into the packed layout at every
-    # batch measured (Zen 3, int4-g32, 512 rows: gate_up 59 vs 75 ms, down 36 vs 63 ms)
-    gemv_always = is_interleaved_int4(qweight) and not native_bf16_matmul()
-    if not gemv_always and _use_packed(x, *int4_shape(qweight)):
+    path = int4_path(_tokens(x), x.dtype, qweight)
+    if path == "packed":
         return k.int4_linear_packed(x, qweight, scales, offsets, bias)
-    if _use_tiled(x) or x.shape[-1] % GEMV_INT4_ALIGN:
+    if path == "tiled":
         return k.int4_linear_tiled(x, qweight, scales, offsets, bias, _bf16_tiles(x))
     return k.int4_linear_gemv(x, qweight, scales, offsets, bias)
 
