@@ -1,5 +1,6 @@
 """Compiled fused decoder ops (`csrc/fused_ops.cpp`): RMSNorm, rotary embedding in place,
-SiLU-and-multiply, and one-token-per-sequence attention over paged KV slots; and, on
+SiLU-and-multiply, one-token-per-sequence attention over paged KV slots and greedy
+sampling's argmax; and, on
 AVX-512 BF16 CPUs, a prefill chunk's attention over its paged context
 (`csrc/prefill_attention.cpp`).
 
@@ -37,8 +38,17 @@ void kv_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Te
     const at::Tensor& k, const at::Tensor& v);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& lens, double scale);
+at::Tensor argmax_rows(const at::Tensor& logits);
 """
-FUNCTIONS = ["rms_norm", "add_rms_norm", "rope_inplace", "silu_mul", "kv_write", "decode_attention"]
+FUNCTIONS = [
+    "rms_norm",
+    "add_rms_norm",
+    "rope_inplace",
+    "silu_mul",
+    "kv_write",
+    "decode_attention",
+    "argmax_rows",
+]
 ATTENTION_COMMON = Path(__file__).with_name("csrc") / "bf16_attention_common.h"
 PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 PREFILL_DECLARATIONS = """

@@ -38,6 +38,15 @@ def test_greedy_equals_argmax(dtype):
     assert all(r.logprob is None and r.top_logprobs is None for r in results)
 
 
+def test_greedy_row_with_nan_gives_what_torch_max_gives():
+    """The compiled argmax flags a NaN row; the batch then takes torch.max, whose answer
+    (the NaN's index) the engine has always returned."""
+    logits = torch.randn(3, 97, generator=torch.Generator().manual_seed(2))
+    logits[1, 40] = float("nan")
+    results = sample(logits, [row(temperature=0.0) for _ in range(3)])
+    assert [r.token_id for r in results] == logits.max(dim=-1).indices.tolist()
+
+
 def test_greedy_with_logprobs_takes_the_general_path_and_still_equals_argmax():
     logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     results = sample(logits, [row(temperature=0.0, logprobs=2) for _ in range(5)])

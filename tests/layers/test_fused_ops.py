@@ -165,3 +165,28 @@ def test_kv_write_matches_index_copy(dtype):
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
     with pytest.raises(RuntimeError, match="slot 40 is outside the cache's 40 slots"):
         ops.kv_write(got_k, got_v, torch.tensor([1, 2, 3, 4, 40]), k, v)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 13, 64, 1001])
+def test_argmax_rows_matches_torch_max_with_ties(dtype, vocab):
+    """First index of the maximum, as torch.max; ties planted in the vector body, the
+    tail and across both; rows of -inf give 0."""
+    x = torch.randn(6, vocab).to(dtype)
+    x[1] = -float("inf")
+    if vocab > 2:
+        x[2, vocab - 1] = x[2, vocab // 2] = 50.0  # tie: the earlier index wins
+        x[3, vocab - 1] = 60.0  # the maximum in the tail
+        x[4, 0] = x[4, vocab - 2] = 70.0
+    got = fused().argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.max(dim=-1).indices.tolist()
+
+
+@needs_fused
+def test_argmax_rows_flags_nan_rows():
+    x = torch.randn(3, 100)
+    x[1, 50] = float("nan")
+    x[2, 97] = float("nan")  # in the tail
+    assert fused().argmax_rows(x).tolist()[1:] == [-1, -1]

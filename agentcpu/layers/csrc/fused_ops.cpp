@@ -545,3 +545,54 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   else decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, sl, ln, scale, out);
   return out;
 }
+
+namespace {
+
+// Index of the first maximum of row[0, n), or -1 if the row holds a NaN.
+template <typename T>
+int64_t argmax_row(const T* row, int64_t n) {
+  __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = load8(row + i);
+    best = _mm256_max_ps(best, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan)) return -1;
+  float top = agentcpu_avx2::hmax(best);
+  for (int64_t j = i; j < n; ++j) {
+    const float v = to_f(row[j]);
+    if (v != v) return -1;
+    top = std::max(top, v);
+  }
+  const __m256 target = _mm256_set1_ps(top);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(load8(row + i), target, _CMP_EQ_OQ));
+    if (mask) return i + __builtin_ctz(mask);
+  }
+  for (; i < n; ++i)
+    if (to_f(row[i]) == top) return i;
+  return -1;  // not reached: top is one of the row's values
+}
+
+}  // namespace
+
+// Greedy sampling's argmax: logits [B, V] (fp32 or bf16) -> int64 [B], the first index
+// of each row's maximum (torch.max's tie rule), -1 for a row holding a NaN. torch.max
+// over a 152k bf16 row takes ~0.2 ms and does not split 16 rows across threads (2.4
+// ms); this reads each row twice from L2.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  check_float_or_bf16(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be [rows, vocab]");
+  const at::Tensor x = logits.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (x.scalar_type() == at::kFloat) op[b] = argmax_row(x.data_ptr<float>() + b * V, V);
+      else op[b] = argmax_row(x.data_ptr<at::BFloat16>() + b * V, V);
+    }
+  });
+  return out;
+}
