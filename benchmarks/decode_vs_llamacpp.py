@@ -35,12 +35,14 @@ from agentcpu.hardware.threads import configure_threads
 from agentcpu.llm import LLM
 
 PEER = Path(__file__).parent / "peers" / "llamacpp.sh"
-# our --quant -> (bits, group size) of its roofline; the LM head is int8 under --quant
+# our --quant -> (bits, group size, an offset per group) of its roofline; the LM head
+# is int8 under --quant. int4-g32-sym is Q4_0's format (4.5 bits a weight).
 QUANT_FOOTPRINT = {
-    "int8": (8, None),
-    "int4-g32": (4, 32),
-    "int4-g64": (4, 64),
-    "int4-g128": (4, 128),
+    "int8": (8, None, False),
+    "int4-g32": (4, 32, True),
+    "int4-g64": (4, 64, True),
+    "int4-g128": (4, 128, True),
+    "int4-g32-sym": (4, 32, False),
 }
 
 
@@ -92,8 +94,8 @@ def our_decode_bytes(model: Path, quant: str) -> int:
     footprint = model_footprint(model)
     if quant == "bf16":
         return footprint.decode_bytes
-    bits, group = QUANT_FOOTPRINT[quant]
-    return quantized_footprint(footprint, bits, group, lm_head_bits=8).decode_bytes
+    bits, group, offsets = QUANT_FOOTPRINT[quant]
+    return quantized_footprint(footprint, bits, group, lm_head_bits=8, offsets=offsets).decode_bytes
 
 
 def main() -> None:

@@ -179,7 +179,9 @@ _WORKLOAD_RUNNERS = {
 def _roofline_key(quant: str | None) -> str:
     if quant is None:
         return "stored"
-    return "int8" if quant.startswith("int8") else "int4_g32"
+    if quant.startswith("int8"):
+        return "int8"
+    return "int4_g32_sym" if quant.endswith("-sym") else "int4_g32"
 
 
 def _model_path(args) -> str:

@@ -5,7 +5,7 @@ JSON keys: schema, cpu (CpuInfo fields), threads, torch_version, quick, bandwidt
 bf16_tflops, fp32_tflops, int8_tops (None where int8 matmul is unavailable),
 matmul_tflops / matmul_dtype (the faster of bf16 and fp32, used for prefill rooflines),
 probe_seconds, and with a model: model = {path, footprint, roofline: {stored, int8,
-int4_g32}}, each roofline {step_bytes, decode_step_ms, decode_tok_s, prefill_tok_s}.
+int4_g32, int4_g32_sym}}, each roofline {step_bytes, decode_step_ms, decode_tok_s, prefill_tok_s}.
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def _model_section(path: str, footprint: ModelFootprint, limits: dict[str, Any])
             # agentcpu.quant holds the lm_head (a tied embedding too) in int8 under both
             "int8": roofline_for_quant(footprint, 8, None, bandwidth, flops, lm_head_bits=8),
             "int4_g32": roofline_for_quant(
+                footprint, 4, INT4_GROUP_SIZE, bandwidth, flops, lm_head_bits=8, offsets=True
+            ),
+            "int4_g32_sym": roofline_for_quant(
                 footprint, 4, INT4_GROUP_SIZE, bandwidth, flops, lm_head_bits=8
             ),
         },

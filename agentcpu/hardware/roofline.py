@@ -189,9 +189,11 @@ def _gguf_footprint(path: Path) -> ModelFootprint:
     return footprint_from_tensors(tensors, gguf.hf_config())
 
 
-def _quantized_bytes(params: int, rows: int, bits: int, group_size: int | None) -> int:
+def _quantized_bytes(
+    params: int, rows: int, bits: int, group_size: int | None, offsets: bool = False
+) -> int:
     scales = rows if group_size is None else math.ceil(params / group_size)
-    return math.ceil(params * bits / 8) + scales * SCALE_BYTES
+    return math.ceil(params * bits / 8) + scales * SCALE_BYTES * (2 if offsets else 1)
 
 
 def quantized_footprint(
@@ -199,11 +201,13 @@ def quantized_footprint(
     bits: int,
     group_size: int | None = None,
     lm_head_bits: int | None = None,
+    offsets: bool = False,
 ) -> ModelFootprint:
     """The footprint after weight-only quantization of the linear layers.
 
-    Assumptions: symmetric quantization, one bf16 scale per `group_size` weights along the
-    input dimension (group_size None: one per output channel); norms, biases and the
+    Assumptions: one 16-bit scale per `group_size` weights along the input dimension
+    (group_size None: one per output channel), and a 16-bit offset beside each where
+    `offsets` (asymmetric int4; symmetric int4 stores none: `quant.formats`); norms, biases and the
     embedding keep their stored dtype; the lm_head (the embedding when tied) stays as
     stored unless `lm_head_bits` is given: then it is quantized to that many bits with one
     scale per output channel (what `agentcpu.quant` does: int8 under int8 and int4).
@@ -212,7 +216,9 @@ def quantized_footprint(
         raise InvalidRequestError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if group_size is not None and group_size < 1:
         raise InvalidRequestError(f"group_size must be None or >= 1, got {group_size}")
-    linear_bytes = _quantized_bytes(footprint.linear_params, footprint.linear_rows, bits, group_size)
+    linear_bytes = _quantized_bytes(
+        footprint.linear_params, footprint.linear_rows, bits, group_size, offsets
+    )
     lm_head_bytes = footprint.lm_head_bytes
     if lm_head_bits is not None:
         if lm_head_bits not in QUANT_BITS:
@@ -253,9 +259,10 @@ def roofline_for_quant(
     bandwidth_gbs: float,
     flops: float,
     lm_head_bits: int | None = None,
+    offsets: bool = False,
 ) -> dict[str, float]:
     """`roofline` of the weight-only-quantized model (see `quantized_footprint`). Pass as
     `flops` the rate of the matmul the quantized kernels actually run (bf16 after dequant,
     or int8)."""
-    quantized = quantized_footprint(footprint, bits, group_size, lm_head_bits)
+    quantized = quantized_footprint(footprint, bits, group_size, lm_head_bits, offsets)
     return roofline(quantized, bandwidth_gbs, flops)

@@ -163,14 +163,24 @@ def interleave_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     holds bytes 4p..4p+3 of the block of every row in turn (a byte permutation of Q4_0
     blocks, as llama.cpp's repack), so lane r of every vector is row r. Returns (qweight
     uint8 [N/8, K/32, 128], scales and offsets fp16 [N/8, K/group, 8]); N must be a
-    multiple of 8."""
+    multiple of 8. A symmetric weight (every offset -8 x its scale, as Q4_0 and
+    `--quant int4-*-sym` make) keeps no offsets: [N/8, K/group, 0], the kernels derive
+    them, and a decode step reads 4.5 bits a weight instead of 5 (Q4_0's size)."""
     rows, half = w.qweight.shape
     if rows % INTERLEAVE_ROWS:
         raise QuantizationError(f"interleaving needs out_features a multiple of 8, got {rows}")
     groups, blocks = rows // INTERLEAVE_ROWS, half // (BLOCK // 2)
     q = w.qweight.reshape(groups, INTERLEAVE_ROWS, blocks, 4, 4)  # [group, row, block, p, byte]
     q = q.permute(0, 2, 3, 1, 4).reshape(groups, blocks, BLOCK * 4)
-    return (q.contiguous(), _interleave_rows(w.scales), _interleave_rows(w.offsets))
+    scales = _interleave_rows(w.scales)
+    if is_symmetric_int4(w):
+        return q.contiguous(), scales, scales.new_empty(*scales.shape[:2], 0)
+    return q.contiguous(), scales, _interleave_rows(w.offsets)
+
+
+def is_symmetric_int4(w: Int4Weight) -> bool:
+    """Whether every offset is exactly -8 x its scale (w = scale * (q - 8))."""
+    return bool(torch.equal(w.offsets, w.scales * -8) and torch.isfinite(w.offsets).all())
 
 
 def is_interleaved_int4(qweight: torch.Tensor) -> bool:
@@ -185,6 +195,8 @@ def deinterleave_int4(
     groups, blocks, _ = qweight.shape
     q = qweight.reshape(groups, blocks, 4, INTERLEAVE_ROWS, 4).permute(0, 3, 1, 2, 4)
     q = q.reshape(groups * INTERLEAVE_ROWS, blocks * BLOCK // 2).contiguous()
+    if offsets.shape[-1] == 0:  # symmetric: not stored
+        offsets = scales * -8
     return Int4Weight(q, _deinterleave_rows(scales), _deinterleave_rows(offsets))
 
 

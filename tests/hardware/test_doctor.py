@@ -35,10 +35,11 @@ def test_quick_report_has_documented_keys_and_positive_figures(quick_report):
 def test_quick_report_model_roofline(quick_report):
     model = quick_report["model"]
     assert model["footprint"]["tied_embeddings"]
-    assert set(model["roofline"]) == {"stored", "int8", "int4_g32"}
+    assert set(model["roofline"]) == {"stored", "int8", "int4_g32", "int4_g32_sym"}
     for limits in model["roofline"].values():
         assert limits["decode_tok_s"] > 0 and limits["prefill_tok_s"] > 0
-    assert model["roofline"]["int4_g32"]["decode_tok_s"] > model["roofline"]["stored"]["decode_tok_s"]
+    rates = {name: limits["decode_tok_s"] for name, limits in model["roofline"].items()}
+    assert rates["int4_g32_sym"] > rates["int4_g32"] > rates["int8"] > rates["stored"]
 
 
 def test_format_doctor_mentions_the_figures(quick_report):

@@ -39,6 +39,26 @@ def test_interleave_places_each_byte_and_scale_where_the_kernel_reads_it():
         assert torch.equal(getattr(back, name), getattr(w, name))
 
 
+def test_symmetric_weights_store_no_offsets():
+    """Q4_0's w = scale * (q - 8): the offsets are -8 x the scales, so the interleaved
+    layout keeps none ([N/8, groups, 0]) and the row layout comes back exact."""
+    w = _weight(n=16, k=128, group=32, symmetric=True)
+    assert formats.is_symmetric_int4(w)
+    q, s, m = formats.interleave_int4(w)
+    assert m.shape == (2, 4, 0) and m.dtype == torch.float16
+    back = formats.deinterleave_int4(q, s, m)
+    for name in ("qweight", "scales", "offsets"):
+        assert torch.equal(getattr(back, name), getattr(w, name))
+    g = torch.Generator().manual_seed(5)
+    q0 = formats.int4_from_q4_0(
+        torch.randint(0, 256, (8, 64), dtype=torch.uint8, generator=g), torch.rand(8, 4).half()
+    )
+    assert formats.interleave_int4(q0)[2].numel() == 0  # GGUF Q4_0 reads 4.5 bits a weight too
+    nearly = formats.Int4Weight(w.qweight, w.scales, w.offsets.clone())
+    nearly.offsets[3, 1] += 1e-3  # one offset off: asymmetric, all kept
+    assert formats.interleave_int4(nearly)[2].shape == (2, 4, 8)
+
+
 def test_interleave_refuses_rows_not_a_multiple_of_8():
     with pytest.raises(QuantizationError, match="multiple of 8"):
         formats.interleave_int4(_weight(n=12))
@@ -64,8 +84,9 @@ def test_interleaved_gemv_equals_the_row_gemv(batch, group, dtype, symmetric):
 
 @needs_kernels
 @pytest.mark.parametrize("bf16", [False, True])
-def test_interleaved_tiled_equals_the_row_tiled(bf16):
-    w = _weight(n=296, k=288, group=32)  # 296 rows: a partial last tile of 8-row groups
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_interleaved_tiled_equals_the_row_tiled(bf16, symmetric):
+    w = _weight(n=296, k=288, group=32, symmetric=symmetric)  # 296 rows: a partial last tile
     x = _x(17, k=288)
     rows = kernels().int4_linear_tiled(x, w.qweight, w.scales, w.offsets, None, bf16)
     assert torch.equal(
@@ -75,15 +96,17 @@ def test_interleaved_tiled_equals_the_row_tiled(bf16):
 
 @needs_kernels
 @pytest.mark.skipif(not (kernels() and kernels().quant_packed_available()), reason="no packed path")
-def test_interleaved_packed_equals_the_row_packed():
-    w = _weight(n=80, k=256, group=64)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_interleaved_packed_equals_the_row_packed(symmetric):
+    w = _weight(n=80, k=256, group=64, symmetric=symmetric)
     x, bias = _x(40, dtype=torch.bfloat16), torch.randn(80).bfloat16()
     rows = kernels().int4_linear_packed(x, w.qweight, w.scales, w.offsets, bias)
     assert torch.equal(kernels().int4_linear_packed(x, *formats.interleave_int4(w), bias), rows)
 
 
-def test_reference_path_reads_the_interleaved_layout():
-    w = _weight()
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_reference_path_reads_the_interleaved_layout(symmetric):
+    w = _weight(symmetric=symmetric)
     x = _x(3)
     rows = ops.int4_linear_reference(x, w.qweight, w.scales, w.offsets, None)
     assert torch.equal(ops.int4_linear_reference(x, *formats.interleave_int4(w), None), rows)

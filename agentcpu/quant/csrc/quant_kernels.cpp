@@ -406,14 +406,15 @@ void check_x(const at::Tensor& x, int64_t K, int64_t multiple) {
 // qweight uint8 [N/8, K/32, 128]: block b of row group g is 128 bytes whose 32-byte vector
 // p holds bytes 4p..4p+3 of the Q4_0 block of rows 0..7 in turn, so 32-bit lane r of
 // every vector is row r (low nibbles: weights 4p..4p+3, high: 16+4p..16+4p+3). scales,
-// offsets fp16 [N/8, K/group, 8]. A block's activations are broadcast 4 bytes at a time,
+// offsets fp16 [N/8, K/group, 8], or [N/8, K/group, 0] for a symmetric weight (Q4_0's
+// w = scale * (q - 8): each offset is -8 x its scale, not stored). A block's activations are broadcast 4 bytes at a time,
 // its 8 rows' integer dots end in the 8 lanes of one vector: no horizontal sums, and the
 // nibble unpacking is shared by up to 4 tokens. 1.2-1.6x the row loop's compute rate
 // (docs/quantization.md), which is the bound where a core has more than ~12 GB/s.
 struct Int4X8Layer {
   const uint8_t* w;
   const at::Half* scales;
-  const at::Half* offsets;
+  const at::Half* offsets;  // null for a symmetric weight
   int64_t N, K, G, nblocks;
   int block_shift;  // log2(32-blocks per group)
 };
@@ -430,10 +431,15 @@ inline void keep_in_register(__m256i& v) { asm("" : "+x"(v)); }
 Int4X8Layer x8_layer(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& offsets) {
   TORCH_CHECK(qweight.size(2) == 4 * kBlock && qweight.is_contiguous(),
               "interleaved int4 qweight must be contiguous [N/8, K/32, 128]");
+  const bool symmetric = offsets.dim() == 3 && offsets.size(2) == 0;
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == qweight.size(0) && scales.size(2) == 8 &&
-                  scales.sizes() == offsets.sizes() && scales.is_contiguous() && offsets.is_contiguous(),
-              "interleaved int4 scales / offsets must be contiguous [N/8, groups, 8]");
-  Int4X8Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offsets.data_ptr<at::Half>(),
+                  scales.is_contiguous() && offsets.is_contiguous() &&
+                  (symmetric ? offsets.size(0) == scales.size(0) && offsets.size(1) == scales.size(1)
+                             : scales.sizes() == offsets.sizes()),
+              "interleaved int4 scales / offsets must be contiguous [N/8, groups, 8] (offsets [N/8, groups, 0] "
+              "when symmetric)");
+  Int4X8Layer L{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                symmetric ? nullptr : offsets.data_ptr<at::Half>(),
                 qweight.size(0) * 8, qweight.size(1) * kBlock, scales.size(1), qweight.size(1), 0};
   TORCH_CHECK(L.K % L.G == 0, "in_features ", L.K, " is not a whole number of ", L.G, " groups");
   const int64_t blocks_per_group = L.K / L.G / kBlock;
@@ -465,7 +471,8 @@ void int4_x8_rows(const Int4X8Layer& L, int64_t g8, const QuantActs& a, const fl
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const uint8_t* w = L.w + g8 * L.nblocks * 4 * kBlock;
   const at::Half* sc = L.scales + g8 * L.G * 8;
-  const at::Half* of = L.offsets + g8 * L.G * 8;
+  const at::Half* of = L.offsets ? L.offsets + g8 * L.G * 8 : nullptr;
+  const __m256 minus8 = _mm256_set1_ps(-8.0f);
   const int8_t* xq[NT];
   const float* xs[NT];
   const float* xb[NT];
@@ -501,7 +508,8 @@ void int4_x8_rows(const Int4X8Layer& L, int64_t g8, const QuantActs& a, const fl
     }
     const int64_t g = b >> L.block_shift;
     const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
-    const __m256 wo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(of + g * 8)));
+    const __m256 wo = of ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(of + g * 8)))
+                         : _mm256_mul_ps(ws, minus8);
     __m256* acc_u = acc[b % kAcc];
     for (int j = 0; j < NT; ++j) {
 #ifdef AGENTCPU_VNNI
@@ -671,8 +679,9 @@ void dequant_int4_x8_rows(const Int4X8Layer& L, int64_t r0, int64_t rows, float*
       for (int r = 0; r < 8; ++r) {
         alignas(16) uint8_t block[16];
         for (int p = 0; p < 4; ++p) std::memcpy(block + 4 * p, wb + 32 * p + 4 * r, 4);
-        dequant_int4_block(block, _mm256_set1_ps(half_to_float(L.scales[g + r])),
-                           _mm256_set1_ps(half_to_float(L.offsets[g + r])),
+        const float scale = half_to_float(L.scales[g + r]);
+        const float offset = L.offsets ? half_to_float(L.offsets[g + r]) : -8.0f * scale;
+        dequant_int4_block(block, _mm256_set1_ps(scale), _mm256_set1_ps(offset),
                            dst + (g8 * 8 + r - r0) * L.K + b * kBlock);
       }
     }
