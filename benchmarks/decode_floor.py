@@ -3,19 +3,24 @@ real int8 / int4 GEMV kernels, then with them replaced by kernels that only allo
 their output, alternating rounds; the second is the floor that faster GEMVs cannot
 remove (Python and torch dispatch, attention, norms, sampling, scheduling).
 
+It runs the modules (`AGENTCPU_DECODE_STACK=0`): the native decode stack calls the real
+GEMVs through their addresses, which this substitution cannot reach. The stack's gain
+over the modules is measured by `benchmarks/decode_stack.py`.
+
     python benchmarks/decode_floor.py --model .bench/qwen2.5-0.5b --quant int4-g32
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
 
 from agentcpu.bench import offline
 from agentcpu.engine.llm_engine import LLMEngine
-from agentcpu.models import loading
+from agentcpu.models import decode_stack, loading
 from agentcpu.quant import ops
 
 
@@ -44,6 +49,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    os.environ[decode_stack.DISABLE_ENV] = "0"
     torch.set_num_threads(args.threads)
     cfg = loading.resolve_engine_config(
         args.model, dtype="bfloat16", max_model_len=4096, kv_cache_gb=1.0, quant=args.quant

@@ -32,9 +32,10 @@ CSRC = Path(__file__).with_name("csrc")
 PACKED_TILE = CSRC / "bf16_packed_tile.h"  # shared entry + packed tile (also for quant/)
 AVX2_MATH = CSRC / "avx2_math.h"  # bf16 <-> fp32 and exp on 8 lanes
 TENSOR_ROWS = CSRC / "tensor_rows.h"  # [..., K] <-> [rows, K] without an op when already 2-D
+GIL = CSRC / "gil.h"  # release the GIL while a kernel runs, unless the decode stack did
 # what every user of the packed tile puts first
 AMX_TILES = CSRC / "amx_tiles.h"  # AMX permission + tile configuration (AMX builds only)
-PACKED_PRELUDE = (AVX2_MATH, TENSOR_ROWS, AMX_TILES, PACKED_TILE)
+PACKED_PRELUDE = (AVX2_MATH, TENSOR_ROWS, GIL, AMX_TILES, PACKED_TILE)
 DECLARATIONS = """
 at::Tensor bf16_linear_small_batch(const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias);

@@ -24,7 +24,7 @@ from agentcpu.hardware.native_build import (
     build_extension,
     build_probed_extension,
 )
-from agentcpu.layers.bf16_kernel import AMX_TILES, AVX2_MATH, TENSOR_ROWS
+from agentcpu.layers.bf16_kernel import AMX_TILES, AVX2_MATH, GIL, TENSOR_ROWS
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_ops.cpp"
 DECLARATIONS = """
@@ -76,7 +76,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def fused() -> ModuleType | None:
-    return build_extension("fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH, TENSOR_ROWS))
+    return build_extension(
+        "fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH, TENSOR_ROWS, GIL)
+    )
 
 
 @functools.cache
@@ -111,7 +113,7 @@ def decode_attention_kernel() -> ModuleType | None:
         DECODE_SOURCE,
         DECODE_DECLARATIONS,
         ["decode_attention_bf16_available", "decode_attention_bf16"],
-        (ATTENTION_COMMON,),
+        (ATTENTION_COMMON, GIL),
         cpu_has_path=detect_cpu().avx512_bf16,
     )
 

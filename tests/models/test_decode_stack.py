@@ -90,3 +90,33 @@ def test_reset_rebuilds_over_new_weights(checkpoint_dir):
     engine.model.reset_decode_stack()
     after = run_all(engine, prompts, greedy(8))
     assert before != after and len(compared) > 8
+
+
+def test_stack_runs_without_the_gil_behind_the_async_front_door(checkpoint_dir):
+    """The engine thread runs each stacked step with the GIL released, and the ops inside
+    that release it themselves must see that (pybind11 aborts the process otherwise);
+    concurrent streams through the event loop get the offline tokens."""
+    _stack_or_skip()
+    import asyncio
+
+    from agentcpu.engine.async_engine import AsyncEngine
+
+    engine = make_engine(
+        checkpoint_dir("qwen2"), dtype="bfloat16", quant="int4-g32", kv_cache_gb=0.05
+    )
+    prompts = random_prompts(4, [7, 25, 13], seed=4)
+    expected = run_all(engine, prompts, greedy(10))
+    front = AsyncEngine(engine)
+
+    async def collect(prompt, i):
+        return [o async for o in front.generate(prompt, greedy(10), f"g{i}")]
+
+    async def main():
+        return await asyncio.gather(*(collect(p, i) for i, p in enumerate(prompts)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        front.shutdown()
+    assert engine.model._stack is not None
+    assert [r[-1].token_ids for r in results] == expected

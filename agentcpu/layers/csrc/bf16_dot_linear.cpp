@@ -192,7 +192,7 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t task_macs = kRowsPerTask * K * std::max<int64_t>(M, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / task_macs);
   if (M > 0) {
-    pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
+    agentcpu_gil::ReleaseIfHeld no_gil;  // the HTTP thread may run Python meanwhile
     at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
       const int64_t n0 = i0 * kRowsPerTask, n1 = std::min(N, i1 * kRowsPerTask);
       if (M == 1) rows_block<kRowsOneToken, 1>(wp, K, xp, M, op, N, bp, n0, n1);

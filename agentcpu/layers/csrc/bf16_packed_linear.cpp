@@ -65,7 +65,7 @@ at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed, con
   const int64_t task_macs = kBlocksPerTile * kBlockRows * K * std::max<int64_t>(M, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / task_macs);
   if (M > 0) {
-    pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
+    agentcpu_gil::ReleaseIfHeld no_gil;  // the HTTP thread may run Python meanwhile
     at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
       blocks_range(wp, K, xp, M, op, N, bp, i0 * kBlocksPerTile, std::min(blocks, i1 * kBlocksPerTile));
     });

@@ -206,7 +206,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
   }
   at::Tensor out = at::empty({B, H, D}, q.options());
 #ifdef AGENTCPU_ATTENTION_BF16
-  pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
+  agentcpu_gil::ReleaseIfHeld no_gil;  // the HTTP thread may run Python meanwhile
   const int64_t G = H / KVH;
   const ItemFn fn = item_for(G);
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());

@@ -69,13 +69,14 @@ struct Stack {
 };
 
 std::mutex stacks_lock;
-std::vector<std::unique_ptr<Stack>> stacks;  // handle = index; freed entries are null
+std::vector<std::shared_ptr<Stack>> stacks;  // handle = index; freed entries are null
 
-Stack& stack_at(int64_t handle) {
+// A running step keeps its stack alive even if another thread frees the handle.
+std::shared_ptr<Stack> stack_at(int64_t handle) {
   std::lock_guard<std::mutex> guard(stacks_lock);
   TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(stacks.size()) && stacks[handle],
               "no decode stack ", handle);
-  return *stacks[handle];
+  return stacks[handle];
 }
 
 // The linears' specs: address, weight count (1-3), has-bias flag each; their weights and
@@ -110,7 +111,7 @@ int64_t decode_stack_create(const std::vector<int64_t>& ops, const std::vector<i
                             double scale, const at::Tensor& final_norm) {
   TORCH_CHECK(ops.size() == 6 && dims.size() == 3, "6 op addresses and 3 dims");
   for (int64_t a : ops) TORCH_CHECK(a != 0, "null op address");
-  auto s = std::make_unique<Stack>();
+  auto s = std::make_shared<Stack>();
   s->rms_norm = reinterpret_cast<RmsNormFn>(ops[0]);
   s->add_rms_norm = reinterpret_cast<AddRmsNormFn>(ops[1]);
   s->rope = reinterpret_cast<RopeFn>(ops[2]);
@@ -135,7 +136,8 @@ void decode_stack_add_layer(int64_t handle, const std::vector<at::Tensor>& norms
                             const std::vector<at::Tensor>& caches, const std::vector<int64_t>& addresses,
                             const std::vector<int64_t>& counts, const std::vector<int64_t>& has_bias,
                             const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases) {
-  Stack& s = stack_at(handle);
+  const std::shared_ptr<Stack> held = stack_at(handle);
+  Stack& s = *held;
   TORCH_CHECK(norms.size() == 2 || norms.size() == 4, "2 norms, or 4 with q/k norms");
   TORCH_CHECK(caches.size() == 2, "a k and a v cache");
   std::vector<StackLinear> linears = take_linears(addresses, counts, has_bias, weights, biases);
@@ -167,9 +169,13 @@ void decode_stack_free(int64_t handle) {
 at::Tensor decode_stack_run(int64_t handle, const at::Tensor& x, const at::Tensor& positions,
                             const at::Tensor& cos_sin, const at::Tensor& slot_mapping,
                             const at::Tensor& decode_slots, const at::Tensor& decode_lens) {
-  const Stack& s = stack_at(handle);
+  const std::shared_ptr<Stack> held = stack_at(handle);
+  const Stack& s = *held;
   TORCH_CHECK(x.dim() == 2, "x must be [tokens, hidden]");
   const int64_t T = x.size(0), q_size = s.heads * s.head_dim, kv_size = s.kv_heads * s.head_dim;
+  // The whole step runs without the GIL (the HTTP thread may run Python meanwhile); the
+  // ops that release it themselves see that (csrc/gil.h).
+  pybind11::gil_scoped_release no_gil;
   Tensor hidden = x, residual;
   for (const StackLayer& L : s.layers) {
     Tensor h;

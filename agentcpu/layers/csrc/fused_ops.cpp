@@ -540,7 +540,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     TORCH_CHECK(len >= 1 && len <= sl.size(1), "sequence ", b, " has context length ", len);
   }
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  pybind11::gil_scoped_release no_gil;  // the HTTP thread may run Python meanwhile
+  agentcpu_gil::ReleaseIfHeld no_gil;  // the HTTP thread may run Python meanwhile
   if (q.scalar_type() == at::kFloat) decode_attention_impl<float>(q, k_cache, v_cache, sl, ln, scale, out);
   else decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, sl, ln, scale, out);
   return out;
