@@ -58,3 +58,17 @@ def test_bench_kernel_prints_every_method_against_the_bandwidth(capsys, tmp_path
     assert {"bf16 F.linear", "fp32 F.linear"} <= methods and len(methods) >= 3
     assert all(r["shape"] == "o 896->896" and r["batch"] == 1 and r["gbps"] > 0 for r in rows)
     assert "% bw" in table and all(m in table for m in methods)
+
+
+def test_bench_reports_each_quant_against_its_own_roofline():
+    """Symmetric int4 reads no offsets, so its roofline is the doctor's int4_g32_sym."""
+    from agentcpu.commands.bench import _roofline_key
+
+    keys = {q: _roofline_key(q) for q in (None, "int8", "int4", "int4-g32", "int4-g32-sym")}
+    assert keys == {
+        None: "stored",
+        "int8": "int8",
+        "int4": "int4_g32",
+        "int4-g32": "int4_g32",
+        "int4-g32-sym": "int4_g32_sym",
+    }
