@@ -99,8 +99,6 @@ class ModelRunner:
         meta.num_decode = len(contexts)
         meta.decode_slots = padded
         meta.decode_lens = lengths
-        mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
-        meta.decode_mask = mask[:, None, None, :]
 
     def _sample_row(self, request: Request) -> SampleRow:
         params = request.params

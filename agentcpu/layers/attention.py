@@ -42,7 +42,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode, max_context] (padded)
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context] True = attend
+    # [num_decode, 1, 1, max_context] True = attend; built by the first layer that runs
+    # SDPA (the compiled kernels read decode_lens instead) and shared by the others
+    decode_mask: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None  # [num_decode] int64 context length
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -118,6 +120,9 @@ def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch
         return getattr(module, name)(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale)
     keys = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
     values = v_cache[meta.decode_slots].transpose(1, 2)
+    if meta.decode_mask is None:
+        attend = torch.arange(meta.decode_slots.shape[1])[None, :] < meta.decode_lens[:, None]
+        meta.decode_mask = attend[:, None, None, :]
     out = _sdpa(q.unsqueeze(2), keys, values, meta.decode_mask, False, scale)  # [B, H, 1, D]
     return out.squeeze(2)
 

@@ -190,3 +190,25 @@ def test_argmax_rows_flags_nan_rows():
     x[1, 50] = float("nan")
     x[2, 97] = float("nan")  # in the tail
     assert fused().argmax_rows(x).tolist()[1:] == [-1, -1]
+
+
+def test_paged_decode_without_kernels_masks_each_sequence_to_its_length(monkeypatch):
+    """Where no compiled decode attention runs, SDPA attends over the padded slots with a
+    mask built from decode_lens (once per step, shared by the layers)."""
+    from agentcpu.layers import attention
+
+    monkeypatch.setattr(attention, "decode_attention_op", lambda *args: None)
+    k_cache, v_cache = torch.randn(200, 2, 64), torch.randn(200, 2, 64)
+    lens = torch.tensor([1, 37, 120])
+    slots = torch.zeros(3, 120, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        slots[b, :n] = torch.randperm(200)[:n]
+    q, k, v = torch.randn(3, 8, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    new = torch.tensor([slots[b, n - 1].item() for b, n in enumerate(lens.tolist())])
+    meta = attention.AttentionMetadata(
+        slot_mapping=new, num_decode=3, decode_slots=slots, decode_lens=lens
+    )
+    got = attention.paged_attention(q, k, v, k_cache, v_cache, meta, 64**-0.5)
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, 64**-0.5)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert meta.decode_mask is not None and meta.decode_mask.shape == (3, 1, 1, 120)
