@@ -120,3 +120,22 @@ def test_stack_runs_without_the_gil_behind_the_async_front_door(checkpoint_dir):
         front.shutdown()
     assert engine.model._stack is not None
     assert [r[-1].token_ids for r in results] == expected
+
+
+def test_batches_above_the_stack_rows_run_the_modules(checkpoint_dir, monkeypatch):
+    """A stack serves 1..max_rows sequences (the rows every op's kernel choice holds for);
+    a bigger decode batch takes the modules, with the same tokens."""
+    _stack_or_skip()
+    from agentcpu.layers import linear
+
+    monkeypatch.setattr(linear, "DECODE_STACK_ROWS", 2)
+    path = checkpoint_dir("llama")
+    engine = make_engine(path, dtype="bfloat16", quant="int8", kv_cache_gb=0.05)
+    compared = _check_every_decode_step(engine)
+    prompts = random_prompts(4, [5, 19, 8, 30], seed=6)
+    outputs = run_all(engine, prompts, [greedy(n) for n in (3, 9, 5, 7)])
+    assert engine.model._stack.max_rows == 2
+    assert compared and max(compared) == 2
+    monkeypatch.setenv(decode_stack.DISABLE_ENV, "0")
+    reference = make_engine(path, dtype="bfloat16", quant="int8", kv_cache_gb=0.05)
+    assert run_all(reference, prompts, [greedy(n) for n in (3, 9, 5, 7)]) == outputs
