@@ -60,15 +60,23 @@ def test_bench_kernel_prints_every_method_against_the_bandwidth(capsys, tmp_path
     assert "% bw" in table and all(m in table for m in methods)
 
 
-def test_bench_reports_each_quant_against_its_own_roofline():
-    """Symmetric int4 reads no offsets, so its roofline is the doctor's int4_g32_sym."""
-    from agentcpu.commands.bench import _roofline_key
+def test_bench_reports_each_quant_against_its_own_roofline(tmp_path):
+    """Each --quant is measured against the bytes it stores: fewer bytes (symmetric int4
+    keeps no offsets, bigger groups fewer scales) is a higher decode limit; int8 and
+    int4-g32 match the doctor's own rooflines."""
+    from agentcpu.bench.checkpoints import make_random_checkpoint
+    from agentcpu.commands.bench import roofline_limits
+    from agentcpu.hardware.doctor import doctor_report
 
-    keys = {q: _roofline_key(q) for q in (None, "int8", "int4", "int4-g32", "int4-g32-sym")}
-    assert keys == {
-        None: "stored",
-        "int8": "int8",
-        "int4": "int4_g32",
-        "int4-g32": "int4_g32",
-        "int4-g32-sym": "int4_g32_sym",
+    model = str(make_random_checkpoint("tiny-qwen2", tmp_path / "tiny"))
+    doctor = doctor_report(model_path=model, quick=True)
+    rate = {
+        q: roofline_limits(doctor, model, q)["decode_tok_s"]
+        for q in (None, "int8", "int4-g32", "int4-g128", "int4-g32-sym")
     }
+    assert rate["int4-g32-sym"] > rate["int4-g32"] > rate["int8"] > rate[None]
+    assert rate["int4-g128"] > rate["int4-g32"]
+    rooflines = doctor["model"]["roofline"]
+    assert rate["int8"] == rooflines["int8"]["decode_tok_s"]
+    assert rate["int4-g32"] == rooflines["int4_g32"]["decode_tok_s"]
+    assert rate["int4-g32-sym"] == rooflines["int4_g32_sym"]["decode_tok_s"]

@@ -92,7 +92,7 @@ def _run_offline(args: argparse.Namespace) -> int:
     llm = LLM(model, **engine_options(args))
     freeze_loaded_objects()  # the loaded model stays out of the collector's walks
     engine = llm.engine
-    limits = doctor["model"]["roofline"][_roofline_key(args.quant)]
+    limits = roofline_limits(doctor, model, args.quant)
     rows = _WORKLOAD_RUNNERS[args.workload](offline, engine, args)
     record = {
         "workload": args.workload,
@@ -176,12 +176,27 @@ _WORKLOAD_RUNNERS = {
 }
 
 
-def _roofline_key(quant: str | None) -> str:
+def roofline_limits(doctor: dict, model: str, quant: str | None) -> dict[str, float]:
+    """The roofline of `model` as `quant` stores it, at the doctor's bandwidth and matmul
+    rate: int8 per channel, int4 with its group size and, unless symmetric, an offset
+    per group; the LM head int8 under either (`agentcpu.quant`)."""
+    from agentcpu.hardware.doctor import TERA
+    from agentcpu.hardware.roofline import model_footprint, roofline_for_quant
+    from agentcpu.quant import parse_quant
+
     if quant is None:
-        return "stored"
-    if quant.startswith("int8"):
-        return "int8"
-    return "int4_g32_sym" if quant.endswith("-sym") else "int4_g32"
+        return doctor["model"]["roofline"]["stored"]
+    method, group, symmetric = parse_quant(quant)
+    bits, group_size = (8, None) if method == "int8" else (4, group)
+    return roofline_for_quant(
+        model_footprint(model),
+        bits,
+        group_size,
+        doctor["bandwidth_gbs"],
+        doctor["matmul_tflops"] * TERA,
+        lm_head_bits=8,
+        offsets=method == "int4" and not symmetric,
+    )
 
 
 def _model_path(args) -> str:
