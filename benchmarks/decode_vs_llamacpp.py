@@ -30,22 +30,12 @@ from pathlib import Path
 
 from agentcpu.bench import offline
 from agentcpu.hardware.probe import measure_read_bandwidth
-from agentcpu.hardware.roofline import model_footprint, quantized_footprint
+from agentcpu.hardware.roofline import agentcpu_quant_footprint, model_footprint
 from agentcpu.hardware.threads import configure_threads
 from agentcpu.llm import LLM
+from agentcpu.quant import parse_quant
 
 PEER = Path(__file__).parent / "peers" / "llamacpp.sh"
-# our --quant -> (bits, group size, an offset per group) of its roofline; the LM head
-# is int8 under --quant. int4-g32-sym is Q4_0's format (4.5 bits a weight).
-QUANT_FOOTPRINT = {
-    "int8": (8, None, False),
-    "int4-g32": (4, 32, True),
-    "int4-g64": (4, 64, True),
-    "int4-g128": (4, 128, True),
-    "int4-g32-sym": (4, 32, False),
-}
-
-
 def gguf_for(model: Path, kind: str) -> Path:
     """The checkpoint as a GGUF of `kind` (bf16, q8_0 by the converter; q4_0 etc. by
     llama-quantize from the bf16 file), made once."""
@@ -94,8 +84,7 @@ def our_decode_bytes(model: Path, quant: str) -> int:
     footprint = model_footprint(model)
     if quant == "bf16":
         return footprint.decode_bytes
-    bits, group, offsets = QUANT_FOOTPRINT[quant]
-    return quantized_footprint(footprint, bits, group, lm_head_bits=8, offsets=offsets).decode_bytes
+    return agentcpu_quant_footprint(footprint, *parse_quant(quant)).decode_bytes
 
 
 def main() -> None:

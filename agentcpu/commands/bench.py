@@ -177,26 +177,16 @@ _WORKLOAD_RUNNERS = {
 
 
 def roofline_limits(doctor: dict, model: str, quant: str | None) -> dict[str, float]:
-    """The roofline of `model` as `quant` stores it, at the doctor's bandwidth and matmul
-    rate: int8 per channel, int4 with its group size and, unless symmetric, an offset
-    per group; the LM head int8 under either (`agentcpu.quant`)."""
+    """The roofline of `model` as `quant` stores it (`roofline.agentcpu_quant_footprint`),
+    at the doctor's bandwidth and matmul rate."""
     from agentcpu.hardware.doctor import TERA
-    from agentcpu.hardware.roofline import model_footprint, roofline_for_quant
+    from agentcpu.hardware.roofline import agentcpu_quant_footprint, model_footprint, roofline
     from agentcpu.quant import parse_quant
 
     if quant is None:
         return doctor["model"]["roofline"]["stored"]
-    method, group, symmetric = parse_quant(quant)
-    bits, group_size = (8, None) if method == "int8" else (4, group)
-    return roofline_for_quant(
-        model_footprint(model),
-        bits,
-        group_size,
-        doctor["bandwidth_gbs"],
-        doctor["matmul_tflops"] * TERA,
-        lm_head_bits=8,
-        offsets=method == "int4" and not symmetric,
-    )
+    footprint = agentcpu_quant_footprint(model_footprint(model), *parse_quant(quant))
+    return roofline(footprint, doctor["bandwidth_gbs"], doctor["matmul_tflops"] * TERA)
 
 
 def _model_path(args) -> str:

@@ -27,7 +27,12 @@ from agentcpu.hardware.probe import (
     measure_matmul_flops,
     measure_read_bandwidth,
 )
-from agentcpu.hardware.roofline import ModelFootprint, model_footprint, roofline, roofline_for_quant
+from agentcpu.hardware.roofline import (
+    ModelFootprint,
+    agentcpu_quant_footprint,
+    model_footprint,
+    roofline,
+)
 from agentcpu.hardware.threads import configure_threads
 
 REPORT_SCHEMA = 1
@@ -72,19 +77,19 @@ def _model_section(path: str, footprint: ModelFootprint, limits: dict[str, Any])
     """Rooflines with prefill at the faster float matmul: on a CPU without native bf16
     an engine would compute in fp32, and a roofline is the best case."""
     bandwidth, flops = limits["bandwidth_gbs"], limits["matmul_tflops"] * TERA
+
+    def quant(method: str, symmetric: bool) -> dict[str, float]:
+        held = agentcpu_quant_footprint(footprint, method, INT4_GROUP_SIZE, symmetric)
+        return roofline(held, bandwidth, flops)
+
     return {
         "path": path,
         "footprint": footprint.to_dict(),
         "roofline": {
             "stored": roofline(footprint, bandwidth, flops),
-            # agentcpu.quant holds the lm_head (a tied embedding too) in int8 under both
-            "int8": roofline_for_quant(footprint, 8, None, bandwidth, flops, lm_head_bits=8),
-            "int4_g32": roofline_for_quant(
-                footprint, 4, INT4_GROUP_SIZE, bandwidth, flops, lm_head_bits=8, offsets=True
-            ),
-            "int4_g32_sym": roofline_for_quant(
-                footprint, 4, INT4_GROUP_SIZE, bandwidth, flops, lm_head_bits=8
-            ),
+            "int8": quant("int8", symmetric=True),
+            "int4_g32": quant("int4", symmetric=False),
+            "int4_g32_sym": quant("int4", symmetric=True),
         },
     }
 

@@ -252,6 +252,17 @@ def roofline(
     }
 
 
+def agentcpu_quant_footprint(
+    footprint: ModelFootprint, method: str, group_size: int, symmetric: bool
+) -> ModelFootprint:
+    """The bytes a model holds under `--quant` (`quant.parse_quant`'s method, group size,
+    symmetric): int8 per output channel; int4 per group, with an offset beside each scale
+    unless symmetric; the LM head (a tied embedding too) int8 under either."""
+    bits, group = (8, None) if method == "int8" else (4, group_size)
+    offsets = method == "int4" and not symmetric
+    return quantized_footprint(footprint, bits, group, lm_head_bits=8, offsets=offsets)
+
+
 def roofline_for_quant(
     footprint: ModelFootprint,
     bits: int,

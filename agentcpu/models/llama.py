@@ -147,25 +147,26 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if meta.num_decode == input_ids.shape[0] and not meta.prefills:
-            stack = self._decode_stack(kv_caches)
-            if stack is not None and meta.num_decode <= stack.max_rows:
-                x = self.model.embed_tokens(input_ids)
-                if x.dtype == stack.dtype == self.rope.cos_sin.dtype:
-                    return stack.run(x, positions, self.rope.cos_sin, meta)
         x, residual = self.model.embed_tokens(input_ids), None
+        stack = self._decode_stack(kv_caches, meta)
+        if stack is not None and x.dtype == stack.dtype == self.rope.cos_sin.dtype:
+            return stack.run(x, positions, self.rope.cos_sin, meta)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm.add_forward(residual, x)[1]
 
-    def _decode_stack(self, kv_caches) -> DecodeStack | None:
-        """The stack over `kv_caches`, built at the first decode step that uses them."""
+    def _decode_stack(self, kv_caches, meta: AttentionMetadata) -> DecodeStack | None:
+        """The stack over `kv_caches` if it serves this step (a pure decode step of at
+        most its rows); built at the first decode step that uses those caches."""
+        if meta.num_decode != len(meta.slot_mapping) or meta.prefills:
+            return None
         if self._stack_caches is not kv_caches:
             self._stack = decode_stack.build_stack(self, kv_caches)
             self._stack_caches = kv_caches
-        return self._stack
+        stack = self._stack
+        return stack if stack is not None and meta.num_decode <= stack.max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
