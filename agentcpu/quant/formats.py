@@ -179,8 +179,8 @@ def interleave_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def is_symmetric_int4(w: Int4Weight) -> bool:
-    """Whether every offset is exactly -8 x its scale (w = scale * (q - 8))."""
-    return bool(torch.equal(w.offsets, w.scales * -8) and torch.isfinite(w.offsets).all())
+    """Whether every offset is exactly -8 x its scale (Q4_0: w = scale * (q - 8))."""
+    return bool(torch.equal(w.offsets, w.scales * -Q4_0_ZERO) and torch.isfinite(w.offsets).all())
 
 
 def is_interleaved_int4(qweight: torch.Tensor) -> bool:
@@ -196,7 +196,7 @@ def deinterleave_int4(
     q = qweight.reshape(groups, blocks, 4, INTERLEAVE_ROWS, 4).permute(0, 3, 1, 2, 4)
     q = q.reshape(groups * INTERLEAVE_ROWS, blocks * BLOCK // 2).contiguous()
     if offsets.shape[-1] == 0:  # symmetric: not stored
-        offsets = scales * -8
+        offsets = scales * -Q4_0_ZERO
     return Int4Weight(q, _deinterleave_rows(scales), _deinterleave_rows(offsets))
 
 
