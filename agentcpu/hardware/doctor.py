@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from agentcpu.errors import AgentCPUError
+from agentcpu.hardware import huge_pages
 from agentcpu.hardware.cpu_features import ALL_FEATURES, detect_cpu
 from agentcpu.hardware.probe import (
     ProbeUnsupportedError,
@@ -109,6 +110,7 @@ def doctor_report(model_path: str | None = None, quick: bool = False) -> dict[st
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "quick": quick,
+        "huge_pages": huge_pages.thp_mode() if huge_pages.enabled() else "off",
         **limits,
         "probe_seconds": time.perf_counter() - started,
     }
@@ -152,11 +154,18 @@ def _machine_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("features", ", ".join(features) or "none detected"),
         ("torch", f"{report['torch_version']}, capability {cpu['torch_capability']}"),
         ("threads", str(report["threads"])),
+        ("huge pages", _huge_pages_row(report.get("huge_pages"))),
         ("read bandwidth", _fmt(report["bandwidth_gbs"], "GB/s", 1)),
         ("bf16 matmul", _fmt(report["bf16_tflops"], "TFLOPS", 3)),
         ("fp32 matmul", _fmt(report["fp32_tflops"], "TFLOPS", 3)),
         ("int8 matmul", _fmt(report["int8_tops"], "TOPS", 3)),
     ]
+
+
+def _huge_pages_row(mode: str | None) -> str:
+    if mode == "off":
+        return f"off (kernel THP mode: {huge_pages.thp_mode()}, or {huge_pages.DISABLE_ENV}=0)"
+    return f"weights and KV pool (THP {mode})" if mode else "unknown"
 
 
 def _table(title: str, columns: list[str] | None, rows: list[tuple[str, ...]]) -> Any:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from agentcpu.errors import AgentCPUError, InvalidRequestError
+from agentcpu.hardware import huge_pages
 
 DEFAULT_READ_BYTES = 1 << 30  # far larger than any LLC, so the sum streams from DRAM
 DEFAULT_READ_REPEATS = 5
@@ -50,13 +51,14 @@ def measure_read_bandwidth(
     bytes: int = DEFAULT_READ_BYTES, repeats: int = DEFAULT_READ_REPEATS
 ) -> float:
     """DRAM read bandwidth in GB/s (1e9 bytes/s): best of `repeats` sums over a buffer of
-    `bytes` bytes, after one warm-up pass (which also faults the pages in)."""
+    `bytes` bytes (in huge pages where the weights are), after one warm-up pass."""
     if bytes < 1 << 20 or repeats < 1:
         raise InvalidRequestError(
             f"need bytes >= 1 MiB and repeats >= 1, got bytes={bytes}, repeats={repeats}"
         )
     element = torch.empty((), dtype=READ_DTYPE).element_size()
-    buffer = torch.ones(bytes // element, dtype=READ_DTYPE)
+    # in huge pages like the weights (huge_pages.py), or the bound would sit below them
+    buffer = huge_pages.zeros((bytes // element,), READ_DTYPE).fill_(1)
     buffer.sum()
     seconds = _best_seconds(buffer.sum, repeats, budget_s=float("inf"))
     return buffer.numel() * element / seconds / 1e9

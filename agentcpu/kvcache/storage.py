@@ -6,6 +6,7 @@ import torch
 
 from agentcpu.config import CacheConfig, ModelConfig
 from agentcpu.errors import CapacityError
+from agentcpu.hardware import huge_pages
 
 GIB = 1 << 30
 
@@ -30,11 +31,12 @@ def allocate_kv_pool(
 ) -> torch.Tensor:
     """[layers, 2 (k, v), num_blocks * block_size, num_kv_heads, head_dim].
 
-    Zero-filled (calloc: pages are mapped on first write) so padding slots read in a
-    batched gather are finite.
+    Zero-filled (anonymous pages: mapped on first write) so padding slots read in a
+    batched gather are finite; in huge pages where the kernel offers them, since decode
+    attention streams it (hardware/huge_pages.py).
     """
     slots = num_blocks * block_size
-    return torch.zeros(cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    return huge_pages.zeros((cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim), dtype)
 
 
 def layer_views(pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

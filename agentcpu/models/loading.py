@@ -13,6 +13,7 @@ from torch import nn
 
 from agentcpu.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from agentcpu.errors import ModelLoadError
+from agentcpu.hardware.huge_pages import move_to_huge_pages
 from agentcpu.layers.linear import Linear
 from agentcpu.layers.packed_linear import pack_linears
 from agentcpu.loaders.gguf_file import GGUFModelFile
@@ -107,6 +108,7 @@ def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | 
     model = apply_quant(model, config.quant)
     pack_linears(model)  # bf16 layers left after quantization, where AVX-512 BF16 exists
     interleave_int4_layers(model)  # int4 layers (--quant int4*, GGUF Q4_0 / Q4_1)
+    move_to_huge_pages(model)  # decode streams the weights: 2 MiB pages (hardware/huge_pages.py)
     return model, tokenizer
 
 

@@ -18,7 +18,8 @@ def test_a_freed_large_tensor_is_reused_without_page_faults():
         t.fill_(1)
         del t
 
-    touch_and_free()
+    for _ in range(3):  # glibc settles after a few cycles (the 3rd faulted once here)
+        touch_and_free()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
         touch_and_free()

@@ -28,6 +28,7 @@ def test_quick_report_has_documented_keys_and_positive_figures(quick_report):
     assert all(quick_report[key] > 0 for key in FIGURES)
     assert quick_report["int8_tops"] is None or quick_report["int8_tops"] > 0
     assert quick_report["threads"] >= 1
+    assert quick_report["huge_pages"] in ("always", "madvise", "off")
     assert quick_report["cpu"]["arch"]
     json.dumps(quick_report)
 
