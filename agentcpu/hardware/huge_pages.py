@@ -32,6 +32,8 @@ import math
 import mmap
 import os
 import sys
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,6 +43,10 @@ HUGE_PAGE_BYTES = 2 << 20
 TENSOR_ALIGNMENT = 64  # what PyTorch's allocator gives; our kernels' vector loads assume no more
 DISABLE_ENV = "AGENTCPU_HUGE_PAGES"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# [start, end) of every live mapping made here: storages inside one need no move
+_mappings: dict[int, int] = {}
+_mappings_lock = threading.Lock()
 
 
 @functools.cache
@@ -75,13 +81,41 @@ def zeroed_bytes(nbytes: int) -> torch.Tensor:
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
     start = -whole.data_ptr() % HUGE_PAGE_BYTES
     mapping.madvise(mmap.MADV_HUGEPAGE, start, span)
+    base = whole.data_ptr()
+    with _mappings_lock:
+        _mappings[base] = base + len(mapping)
+    weakref.finalize(mapping, _forget, base)
     return whole[start : start + nbytes]
+
+
+def _forget(base: int) -> None:
+    with _mappings_lock:
+        _mappings.pop(base, None)
+
+
+def in_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s storage lies in a mapping made here (`zeroed_bytes`)."""
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    with _mappings_lock:
+        return any(base <= start and end <= stop for base, stop in _mappings.items())
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """`torch.zeros(shape, dtype=dtype)`, in huge pages where `enabled()`."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return zeroed_bytes(math.prod(shape) * itemsize).view(dtype).view(shape)
+
+
+def weight_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor for a weight the model keeps (a packed layout made at load):
+    its own huge-page mapping from one huge page up, so `move_to_huge_pages` need not
+    copy it again; smaller ones from PyTorch's allocator (a mapping each would round
+    them up to 2 MiB), which the move then gathers into its arena."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if math.prod(shape) * itemsize < HUGE_PAGE_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    return zeros(shape, dtype)
 
 
 def module_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -96,15 +130,15 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def move_to_huge_pages(module: nn.Module) -> int:
     """Copy the storage of every tensor `module` holds into one huge-page mapping and
-    re-point the tensors there (in place, views and tied weights kept); returns the
-    bytes moved, 0 where not `enabled()`. Call it before the first forward: a kernel
+    re-point the tensors there (in place, views and tied weights kept), except those
+    already in one (`in_huge_pages`); returns the bytes moved, 0 where not `enabled()`. Call it before the first forward: a kernel
     that cached a weight's address would keep reading the old copy."""
     if not enabled():
         return 0
     storages: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
     for tensor in module_tensors(module):
         storage = tensor.untyped_storage()
-        if storage.nbytes() == 0 or storage.device.type != "cpu":
+        if storage.nbytes() == 0 or storage.device.type != "cpu" or in_huge_pages(tensor):
             continue
         entry = storages.setdefault(storage.data_ptr(), (storage, []))
         if all(tensor is not seen for seen in entry[1]):

@@ -27,6 +27,7 @@ INT8_MAX = 127
 INT4_LEVELS = 15
 Q4_0_ZERO = 8  # Q4_0 stores q + 8: w = (q - 8) * d
 FP16_MAX = torch.finfo(torch.float16).max
+SLAB_BYTES = 4 << 20  # fp32 bytes of one row slab while quantizing (`_row_slabs`)
 
 
 class QuantizationError(InvalidRequestError):
@@ -75,17 +76,33 @@ def check_group(in_features: int, group_size: int, allowed: tuple[int, ...] | No
         )
 
 
+def _row_slabs(out_features: int, in_features: int) -> tuple[range, int]:
+    """Starts of the row slabs a weight is quantized in: each slab's fp32 temporaries stay
+    under `SLAB_BYTES`, below glibc's mmap threshold, so they reuse heap memory instead
+    of faulting in fresh zeroed pages per op (whole-matrix temporaries made loading a 1B
+    model in int4 take ~20 s, most of it page faults)."""
+    rows = max(1, SLAB_BYTES // (4 * max(1, in_features)))
+    return range(0, out_features, rows), rows
+
+
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
     """Symmetric int8, one fp32 scale per output channel (group_size None) or per group."""
     _check_2d(weight)
     out_features, in_features = weight.shape
     group = group_size or in_features
     check_group(in_features, group, None)
-    w = weight.float().reshape(out_features, in_features // group, group)
-    scales = w.abs().amax(dim=-1) / INT8_MAX
-    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    q = torch.round(w * inverse.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
-    return Int8Weight(q.to(torch.int8).reshape(out_features, in_features).contiguous(), scales)
+    qweight = torch.empty(out_features, in_features, dtype=torch.int8)
+    scales = torch.empty(out_features, in_features // group)
+    starts, rows = _row_slabs(out_features, in_features)
+    for r0 in starts:
+        r1 = min(out_features, r0 + rows)
+        w = weight[r0:r1].float().reshape(r1 - r0, in_features // group, group)
+        s = w.abs().amax(dim=-1) / INT8_MAX
+        inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        q = torch.round(w * inverse.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+        qweight[r0:r1] = q.reshape(r1 - r0, in_features)
+        scales[r0:r1] = s
+    return Int8Weight(qweight, scales)
 
 
 def dequantize_int8(w: Int8Weight) -> torch.Tensor:
@@ -121,12 +138,20 @@ def quantize_int4(
     _check_2d(weight)
     out_features, in_features = weight.shape
     check_group(in_features, group_size, INT4_GROUP_SIZES)
-    w = weight.float().reshape(out_features, in_features // group_size, group_size)
-    scales, offsets = _int4_params(w, symmetric)
-    s, m = scales.float().unsqueeze(-1), offsets.float().unsqueeze(-1)
-    inverse = torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
-    q = torch.round((w - m) * inverse).clamp_(0, INT4_LEVELS).to(torch.uint8)
-    return Int4Weight(pack_int4(q.reshape(out_features, in_features)), scales, offsets)
+    groups = in_features // group_size
+    qweight = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scales = torch.empty(out_features, groups, dtype=torch.float16)
+    offsets = torch.empty(out_features, groups, dtype=torch.float16)
+    starts, rows = _row_slabs(out_features, in_features)
+    for r0 in starts:
+        r1 = min(out_features, r0 + rows)
+        w = weight[r0:r1].float().reshape(r1 - r0, groups, group_size)
+        scales[r0:r1], offsets[r0:r1] = _int4_params(w, symmetric)
+        sc, m = scales[r0:r1].float().unsqueeze(-1), offsets[r0:r1].float().unsqueeze(-1)
+        inverse = torch.where(sc != 0, 1.0 / sc, torch.zeros_like(sc))
+        q = torch.round((w - m) * inverse).clamp_(0, INT4_LEVELS).to(torch.uint8)
+        qweight[r0:r1] = pack_int4(q.reshape(r1 - r0, in_features))
+    return Int4Weight(qweight, scales, offsets)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

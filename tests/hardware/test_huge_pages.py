@@ -100,6 +100,25 @@ def test_move_keeps_values_ties_and_views():
     assert torch.equal(model.head(model.proj(model.embed(x))), expected)
 
 
+def test_packed_weights_are_made_in_huge_pages_and_not_moved_again():
+    _enabled_or_skip()
+    from agentcpu.layers.packed_linear import pack_weight, unpack_weight
+
+    big = torch.randn(1024, 1536).bfloat16()  # 3 MiB: its own mapping
+    small = torch.randn(32, 64).bfloat16()  # left to the arena
+    packed_big, packed_small = pack_weight(big), pack_weight(small)
+    assert torch.equal(unpack_weight(packed_big), big)
+    assert torch.equal(unpack_weight(packed_small), small)
+    assert huge_pages.in_huge_pages(packed_big) and "hg" in _vm_flags(packed_big.data_ptr())
+    assert not huge_pages.in_huge_pages(packed_small)
+    holder = nn.Module()
+    holder.register_buffer("big", packed_big)
+    holder.register_buffer("small", packed_small)
+    where, small_bytes = packed_big.data_ptr(), packed_small.untyped_storage().nbytes()
+    assert huge_pages.move_to_huge_pages(holder) == small_bytes
+    assert holder.big.data_ptr() == where and huge_pages.in_huge_pages(holder.small)
+
+
 def test_kv_pool_asks_for_huge_pages(checkpoint_dir):
     _enabled_or_skip()
     from agentcpu.config import ModelConfig

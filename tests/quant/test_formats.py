@@ -38,6 +38,27 @@ def test_int4_error_is_at_most_half_a_step(group, symmetric):
     assert ((formats.dequantize_int4(q) - w).abs() <= step * bound + 1e-6).all()
 
 
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        lambda w: formats.quantize_int8(w),
+        lambda w: formats.quantize_int8(w, 32),
+        lambda w: formats.quantize_int4(w, 32),
+        lambda w: formats.quantize_int4(w, 64, symmetric=True),
+    ],
+)
+def test_row_slabs_do_not_change_the_result(monkeypatch, quantize):
+    """Quantizing in row slabs (small temporaries) gives what one whole-matrix pass
+    gives, with a last slab shorter than the others and rows of zeros."""
+    w = _weight(n=37, k=256, seed=3).bfloat16()
+    w[4] = 0
+    whole = quantize(w)  # 37 x 256 fp32 is one slab at the default size
+    monkeypatch.setattr(formats, "SLAB_BYTES", 5 * 256 * 4)  # 5 rows a slab: 8 slabs
+    sliced = quantize(w)
+    for field in whole.__dataclass_fields__:
+        assert torch.equal(getattr(whole, field), getattr(sliced, field)), field
+
+
 def test_int4_symmetric_is_q4_0_grid():
     q = formats.quantize_int4(_weight(), 32, symmetric=True)
     assert torch.equal(q.offsets, (-8 * q.scales.float()).half())
