@@ -11,7 +11,9 @@ once next to the checkpoint with llama.cpp's own converter and quantizer
 Rounds alternate engine and pair (ours bf16, llama.cpp bf16, ours int8, ...), so drift
 hits both; each round is one decode of `--output-len` tokens after a 32-token prompt and
 one prefill of `--prompt-len` tokens (llama-bench: `-n` / `-p`, one repetition). The
-figures are medians over rounds. Roofline: the read bandwidth measured once at the start
+figures are medians over rounds. Roofline: the highest read bandwidth the probe measured
+(before every round: this VM's bandwidth drifts by a quarter within minutes, and a probe
+taken once at the start put a later, faster round above "100 %")
 / the bytes one decode step reads (ours: the checkpoint as quantized at load, LM head
 included; llama.cpp: the GGUF's tensors as stored).
 """
@@ -103,13 +105,12 @@ def main() -> None:
     configure_threads(args.threads)
     pairs = [tuple(p.split(":")) for p in args.pairs]
     ggufs = {kind: gguf_for(model, kind) for _, kind in pairs}
-    bandwidth = measure_read_bandwidth()
-    print(
-        f"read bandwidth {bandwidth:.1f} GB/s, {args.threads} threads, {args.rounds} rounds",
-        flush=True,
-    )
+    print(f"{args.threads} threads, {args.rounds} rounds", flush=True)
+    probes: list[float] = []
     samples: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in range(args.rounds):
+        probes.append(measure_read_bandwidth())
+        print(f"round {r} read bandwidth {probes[-1]:.1f} GB/s", flush=True)
         for quant, kind in pairs:
             # one engine at a time (built per round, not kept): a model's bf16, int8 and
             # int4 copies together would not fit next to llama.cpp's for larger shapes
@@ -133,9 +134,11 @@ def main() -> None:
                 f"llama.cpp {samples['llama.cpp', kind][-1]}",
                 flush=True,
             )
+    bandwidth = max(probes)
+    print(f"read bandwidth {min(probes):.1f}-{bandwidth:.1f} GB/s; rooflines use {bandwidth:.1f}")
     rows = []
     for quant, kind in pairs:
-        row = {"ours": quant, "llamacpp": kind, "bandwidth_gbs": bandwidth}
+        row = {"ours": quant, "llamacpp": kind, "bandwidth_gbs": bandwidth, "probes_gbs": probes}
         for engine, name, nbytes in (
             ("ours", quant, our_decode_bytes(model, quant)),
             ("llama.cpp", kind, model_footprint(ggufs[kind]).decode_bytes),

@@ -28,6 +28,7 @@ reach (probe.py).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import mmap
 import os
@@ -38,6 +39,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 HUGE_PAGE_BYTES = 2 << 20
 TENSOR_ALIGNMENT = 64  # what PyTorch's allocator gives; our kernels' vector loads assume no more
@@ -77,10 +80,16 @@ def zeroed_bytes(nbytes: int) -> torch.Tensor:
     if not enabled() or nbytes == 0:
         return torch.zeros(nbytes, dtype=torch.uint8)
     span = math.ceil(nbytes / HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    mapping = mmap.mmap(-1, span + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, span + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space left for the padded mapping: PyTorch's allocator
+        return torch.zeros(nbytes, dtype=torch.uint8)  # decides (and names the shortage)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
     start = -whole.data_ptr() % HUGE_PAGE_BYTES
-    mapping.madvise(mmap.MADV_HUGEPAGE, start, span)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, span)
+    except OSError:  # a kernel that refuses the hint still gives memory: 4 KiB pages
+        log.debug("madvise(MADV_HUGEPAGE) refused; %d bytes stay in 4 KiB pages", nbytes)
     base = whole.data_ptr()
     with _mappings_lock:
         _mappings[base] = base + len(mapping)

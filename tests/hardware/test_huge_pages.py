@@ -56,6 +56,30 @@ def test_disabled_by_environment(monkeypatch):
     assert huge_pages.move_to_huge_pages(module) == 0 and module.weight.data_ptr() == weight
 
 
+def test_refused_mapping_or_hint_still_gives_zeroed_memory(monkeypatch):
+    """No address space for the padded mapping: PyTorch's allocator instead. A kernel
+    that refuses the hint: the mapping, in 4 KiB pages."""
+    import mmap
+
+    real = mmap.mmap
+
+    class Refusing(real):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(huge_pages, "enabled", lambda: True)
+    monkeypatch.setattr(mmap, "mmap", Refusing)
+    t = huge_pages.zeroed_bytes(3 << 20)
+    assert t.numel() == 3 << 20 and not t.any() and "hg" not in _vm_flags(t.data_ptr())
+
+    def no_space(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_space)
+    t = huge_pages.zeros((5, 7), torch.float32)
+    assert torch.equal(t, torch.zeros(5, 7)) and not huge_pages.in_huge_pages(t)
+
+
 def test_zeroed_bytes_rejects_negative_sizes():
     with pytest.raises(ValueError, match="nbytes"):
         huge_pages.zeroed_bytes(-1)
