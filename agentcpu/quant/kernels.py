@@ -15,6 +15,8 @@ from agentcpu.layers.bf16_kernel import PACKED_PRELUDE
 __all__ = ["kernels", "native_bf16_matmul"]
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_kernels.cpp"
+# weight quantization at load, compiled into the same module (one build)
+QUANTIZE_SOURCE = Path(__file__).with_name("csrc") / "quantize.cpp"
 # the packed bf16 tile, for the batch path on AVX-512 BF16 (`layers/csrc`)
 FUNCTIONS = [
     "int8_linear_gemv",
@@ -24,6 +26,8 @@ FUNCTIONS = [
     "quant_packed_available",
     "int8_linear_packed",
     "int4_linear_packed",
+    "quantize_int8_native",
+    "quantize_int4_native",
 ]
 DECLARATIONS = """
 at::Tensor int8_linear_gemv(const at::Tensor& x, const at::Tensor& qweight,
@@ -40,10 +44,15 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
     const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
 at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
     const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor> quantize_int8_native(const at::Tensor& weight, int64_t group);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quantize_int4_native(const at::Tensor& weight,
+    int64_t group, bool symmetric);
 """
 
 
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (logged once)."""
-    return build_extension("quant", SOURCE, DECLARATIONS, FUNCTIONS, prelude=PACKED_PRELUDE)
+    return build_extension(
+        "quant", SOURCE, DECLARATIONS, FUNCTIONS, prelude=(*PACKED_PRELUDE, QUANTIZE_SOURCE)
+    )

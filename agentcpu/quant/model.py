@@ -52,7 +52,8 @@ def quantize_model(
 
 def _quantize_tied_head(model: nn.Module) -> None:
     if getattr(model, "lm_head", False) is None and hasattr(model, "model"):
-        model.lm_head = Int8Linear.from_float(model.model.embed_tokens.weight.data.float())
+        # the quantizers read bf16 as it is: an fp32 copy of a 128k-token table is 1 GB
+        model.lm_head = Int8Linear.from_float(model.model.embed_tokens.weight.data)
 
 
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear | PackedLinear]]:
