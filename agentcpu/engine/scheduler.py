@@ -10,7 +10,9 @@ gap between two tokens of a stream, which a token budget alone does not on a slo
 A decode that cannot get a block preempts the most recently admitted request (its
 blocks are freed; it is recomputed later, mostly from the prefix cache). A prefill
 chunk that cannot get a block preempts a later request not in this step, or waits for
-the next step. Integers and block ids only.
+the next step. A waiting request whose next uncached block a running prefill is
+computing waits for it to be published instead of computing it again. Integers and
+block ids only.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hit = self.kv.match_prefix(request, can_wait=bool(self.running))
-            if hit.waits_for_room:
+            if hit.waits_for_room or self._next_block_in_flight(request, hit):
                 break
             n = min(request.num_tokens - hit.num_tokens, budget)
             if not self.kv.allocate(request, n, hit):
@@ -131,6 +133,22 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
+
+    def _next_block_in_flight(self, request: Request, hit) -> bool:
+        """Whether the first block past the request's cached prefix is one a running
+        prefill is computing (same chain hash: same tokens from the start). Then the
+        request waits: the block is published when computed, and admitting it now would
+        compute the shared prefix a second time (a burst of requests on one system
+        prompt otherwise computes it up to once per chunk in flight)."""
+        hashes, cached = request.block_hashes, len(hit.blocks)
+        if not self.kv.pool.enable_prefix_caching or hit.copy_tokens or cached >= len(hashes):
+            return False
+        wanted = hashes[cached]
+        for other in self.running:
+            if other.num_tokens - other.num_computed_tokens > 1:  # still prefilling
+                if wanted in other.block_hashes[other.num_published_blocks :]:
+                    return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -72,3 +72,24 @@ def test_prefix_reuse_computes_only_new_tokens(checkpoint_dir):
     assert req.num_cached_tokens == cached
     # only the uncached prompt tokens plus the 3 fed-back outputs were computed
     assert computed == len(second) - cached + 3
+
+
+@pytest.mark.parametrize("budget", [64, 512])
+def test_a_burst_on_one_prefix_computes_it_once(checkpoint_dir, budget):
+    """Requests arriving together with a shared prefix wait for the first one's blocks
+    instead of computing them again in parallel chunks (scheduler._next_block_in_flight),
+    and still give the tokens they give alone."""
+    path = checkpoint_dir("qwen2", max_position_embeddings=1024)
+    prefix = random_prompts(1, [300], seed=7)[0]
+    prompts = [prefix + tail for tail in random_prompts(6, [20, 45, 7], seed=11)]
+    alone = [
+        run_all(make_engine(path, max_model_len=1024, kv_cache_gb=0.05), [p], greedy(3))[0]
+        for p in prompts[:2]
+    ]
+    engine = make_engine(path, max_model_len=1024, kv_cache_gb=0.05, max_num_batched_tokens=budget)
+    outputs = run_all(engine, prompts, greedy(3))
+    assert outputs[:2] == alone
+    shared = (300 // 16) * 16  # whole blocks of the prefix
+    prompt_tokens = len(prompts[0]) + sum(len(p) - shared for p in prompts[1:])
+    assert engine.stats.computed_tokens == prompt_tokens + 2 * len(prompts)  # + fed-back outputs
+    assert engine.kv.pool.num_used == 0
