@@ -29,5 +29,7 @@ def test_a_freed_large_tensor_is_reused_without_page_faults():
     for _ in range(20):
         touch_and_free()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    # a fresh mmap would fault in all 2,560 pages of each of the 20 blocks (51,200)
-    assert faults < 2000, faults
+    # a fresh mmap would fault in all 2,560 pages of each of the 20 blocks (51,200);
+    # glibc still regrows its heap now and then (one block's 2,560 faults in some runs,
+    # depending on what earlier tests left), so the bound allows a few such cycles
+    assert faults < 4 * 2560, faults
