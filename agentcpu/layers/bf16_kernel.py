@@ -50,6 +50,7 @@ bool bf16_packed_available();
 at::Tensor bf16_packed_linear(const at::Tensor& x, const at::Tensor& packed,
     const c10::optional<at::Tensor>& bias);
 int64_t bf16_packed_amx_min_rows(int64_t rows);
+void bf16_pack_weight(const at::Tensor& weight, at::Tensor& packed);
 """
 
 
@@ -68,7 +69,7 @@ def bf16_dot_kernel() -> ModuleType | None:
 @functools.cache
 def bf16_packed_kernel() -> ModuleType | None:
     return _linear_extension(
-        "packed", PACKED_DECLARATIONS, cpu_has_path=True, extra=["bf16_packed_amx_min_rows"]
+        "packed", PACKED_DECLARATIONS, cpu_has_path=True, extra=["bf16_packed_amx_min_rows", "bf16_pack_weight"]
     )
 
 

@@ -28,12 +28,23 @@ from agentcpu.layers.linear import Linear, LinearOp, linear_op
 BLOCK_ROWS = 16  # output rows per packed block (one 16-lane fp32 vector)
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N / 16, K / 2, 16, 2]: block b, k pair p holds rows 16 b .. 16 b + 15."""
+def pack_weight(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """[N, K] -> [N / 16, K / 2, 16, 2]: block b, k pair p holds rows 16 b .. 16 b + 15.
+
+    `in_place` (the loader, which owns the weight): a bf16 weight already in huge pages
+    is packed in its own memory (a block keeps its rows' bytes) and the weight's
+    contents are gone; otherwise, or without the kernel, into a new buffer."""
     n, k = weight.shape
     shape = (n // BLOCK_ROWS, k // 2, BLOCK_ROWS, 2)
+    kernel = bf16_packed_kernel()
+    fast = kernel is not None and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+    if fast and in_place and huge_pages.in_huge_pages(weight):
+        kernel.bf16_pack_weight(weight, weight)  # no fresh pages to fault in
+        return weight.view(shape)
     packed = huge_pages.weight_buffer(shape, weight.dtype)  # in huge pages where it pays
-    if weight.dtype.itemsize == 2 and weight.is_contiguous():
+    if fast:
+        kernel.bf16_pack_weight(weight, packed)  # register transposes, ~2.5x the copy below
+    elif weight.dtype.itemsize == 2 and weight.is_contiguous():
         # each k pair as one int32: a batched 2-D transpose, ~1.5x the 4-D permute's copy
         # rate (at load, ~1 GB/s -> ~1.7 GB/s)
         pairs = weight.view(torch.int32).view(n // BLOCK_ROWS, BLOCK_ROWS, k // 2)
@@ -70,6 +81,13 @@ class PackedLinear(FastModule):
     def from_linear(cls, layer: Linear) -> PackedLinear:
         bias = None if layer.bias is None else layer.bias.data
         return cls(pack_weight(layer.weight.data), bias)
+
+    @classmethod
+    def taking_linear(cls, layer: Linear) -> PackedLinear:
+        """`from_linear` packing the weight in its own memory where it can: the layer
+        must not be used afterwards (the loader's swap)."""
+        bias = None if layer.bias is None else layer.bias.data
+        return cls(pack_weight(layer.weight.data, in_place=True), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -125,7 +143,7 @@ def pack_linears(model: nn.Module) -> int:
         if packable(child)
     ]
     for parent, name, child in swaps:  # one at a time: each plain weight is freed as we go
-        setattr(parent, name, PackedLinear.from_linear(child))
+        setattr(parent, name, PackedLinear.taking_linear(child))
     return len(swaps) + _pack_tied_head(model)
 
 
@@ -141,7 +159,7 @@ def _pack_tied_head(model: nn.Module) -> int:
     vocab, hidden = table.shape
     if table.dtype != torch.bfloat16 or vocab % BLOCK_ROWS or hidden % 2:
         return 0
-    packed = pack_weight(table.data)
+    packed = pack_weight(table.data, in_place=True)  # both modules below replace its users
     model.model.embed_tokens = PackedEmbedding(packed)
     model.lm_head = PackedLinear(packed, None)
     return 1

@@ -15,6 +15,7 @@ from torch import nn
 
 from agentcpu.config import ModelConfig
 from agentcpu.errors import ModelLoadError
+from agentcpu.hardware import huge_pages
 from agentcpu.layers.linear import Linear, copy_checked
 from agentcpu.models.registry import model_class
 
@@ -35,6 +36,7 @@ def build_model(cfg: ModelConfig, dtype: str, max_model_len: int,
         if before_allocation is not None:
             before_allocation(model)
     model.to_empty(device="cpu")
+    huge_pages.place_large_parameters(model)  # before any page of them is touched
     model.rope.build(max_model_len, torch_dtype)
     return model.eval()
 

@@ -143,6 +143,21 @@ def test_packed_weights_are_made_in_huge_pages_and_not_moved_again():
     assert holder.big.data_ptr() == where and huge_pages.in_huge_pages(holder.small)
 
 
+def test_large_parameters_are_placed_before_loading_and_keep_their_ties():
+    _enabled_or_skip()
+    model = nn.Module()
+    model.embed = nn.Embedding(2048, 512)  # 4 MiB of fp32: its own mapping
+    model.head = nn.Linear(512, 2048, bias=False)
+    model.head.weight = model.embed.weight
+    model.small = nn.Linear(16, 16)
+    tied = model.embed.weight
+    assert huge_pages.place_large_parameters(model) == 1  # the tied pair counts once
+    assert model.head.weight is model.embed.weight is tied
+    assert huge_pages.in_huge_pages(tied) and not huge_pages.in_huge_pages(model.small.weight)
+    assert "hg" in _vm_flags(tied.data_ptr()) and not tied.any()
+    assert huge_pages.place_large_parameters(model) == 0  # already there
+
+
 def test_kv_pool_asks_for_huge_pages(checkpoint_dir):
     _enabled_or_skip()
     from agentcpu.config import ModelConfig

@@ -20,7 +20,9 @@ from agentcpu.quant import apply_quant
 from agentcpu.quant.modules import Int8Linear
 from tests.engine.helpers import make_engine
 
-needs_packed = pytest.mark.skipif(bf16_packed_kernel() is None, reason="CPU without AVX-512 BF16 or AVX2")
+needs_packed = pytest.mark.skipif(
+    bf16_packed_kernel() is None, reason="CPU without AVX-512 BF16 or AVX2"
+)
 
 
 def _reference(x, w, b):
@@ -48,6 +50,37 @@ def test_layout_is_vdpbf16ps_operand_order():
     # block 1, k pair 2: rows 16..31, k 4..5
     assert torch.equal(p[1, 2], w[16:32, 4:6])
     assert torch.equal(unpack_weight(p), w)
+
+
+@needs_packed
+@pytest.mark.parametrize("n, k", [(16, 2), (32, 14), (48, 30), (64, 896)])  # pairs 1, 7, 15, 448
+def test_native_pack_matches_the_permute_in_place_or_not(n, k):
+    w = (torch.randn(n, k) * 3).bfloat16()
+    expected = w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    out = torch.empty_like(expected)
+    bf16_packed_kernel().bf16_pack_weight(w, out)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    inplace = w.clone()
+    bf16_packed_kernel().bf16_pack_weight(inplace, inplace)  # block by block, in its own bytes
+    assert torch.equal(inplace.view(expected.shape).view(torch.int16), expected.view(torch.int16))
+    shared = torch.zeros(n * k + 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="partly overlaps"):  # one pair apart: refused
+        bf16_packed_kernel().bf16_pack_weight(shared[: n * k].view(n, k), shared[2:])
+
+
+def test_packing_in_place_only_where_the_loader_asks_and_the_pages_are_huge():
+    from agentcpu.hardware import huge_pages
+
+    w = torch.randn(1024, 1536).bfloat16()  # 3 MiB
+    plain = pack_weight(w.clone(), in_place=True)  # not in huge pages: a new buffer
+    assert torch.equal(unpack_weight(plain), w)
+    if not huge_pages.enabled() or bf16_packed_kernel() is None:
+        return
+    held = huge_pages.weight_buffer(tuple(w.shape), w.dtype).copy_(w)
+    assert torch.equal(unpack_weight(pack_weight(held)), w) and torch.equal(held, w)  # copy
+    packed = pack_weight(held, in_place=True)
+    assert packed.data_ptr() == held.data_ptr()  # the same memory, now packed
+    assert torch.equal(unpack_weight(packed), w)
 
 
 def test_only_bf16_shapes_that_pack():
@@ -192,6 +225,8 @@ def test_amx_tiles_and_vector_path_agree_with_the_reference(rows):
                 out = kernel.bf16_packed_linear(x, pack_weight(w), b)
                 _assert_close(out, _reference(x, w, b))
                 outs.append(out.float())
-            assert torch.allclose(outs[0], outs[1], rtol=1e-2, atol=1e-2 * outs[1].abs().max().item())
+            assert torch.allclose(
+                outs[0], outs[1], rtol=1e-2, atol=1e-2 * outs[1].abs().max().item()
+            )
     finally:
         kernel.bf16_packed_amx_min_rows(previous)
