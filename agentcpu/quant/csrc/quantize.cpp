@@ -70,6 +70,20 @@ inline float abs_max(const float* w, int64_t n) {
   return agentcpu_avx2::hmax(m);
 }
 
+// fn(r, g, w) for every group g of every row r, w its fp32 values; rows split over the
+// threads, each reading its rows one at a time.
+template <typename GroupFn>
+void for_each_group(const RowReader& reader, int64_t N, int64_t group, GroupFn fn) {
+  const int64_t K = reader.K, G = K / group;
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(K);
+    for (int64_t r = r0; r < r1; ++r) {
+      reader.read(r, row.data());
+      for (int64_t g = 0; g < G; ++g) fn(r, g, row.data() + g * group);
+    }
+  });
+}
+
 void check_weight(const at::Tensor& w, int64_t group) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be a contiguous 2-D tensor");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
@@ -88,36 +102,28 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_native(const at::Tensor& weight
   at::Tensor scales = at::empty({N, G}, weight.options().dtype(at::kFloat));
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
-  const RowReader reader{weight, K};
-  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(K);
-    for (int64_t r = r0; r < r1; ++r) {
-      reader.read(r, row.data());
-      for (int64_t g = 0; g < G; ++g) {
-        const float* w = row.data() + g * group;
-        int8_t* qg = qp + r * K + g * group;
-        const bool vector = group % 32 == 0;
-        float amax = 0.f;
-        if (vector) amax = abs_max(w, group);
-        else
-          for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(w[i]));
-        const float s = amax / 127.f;
-        const float inverse = s > 0.f ? 1.f / s : 0.f;
-        if (vector) {
-          const __m256 inv = _mm256_set1_ps(inverse), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-          for (int64_t i = 0; i < group; i += 32) {
-            __m256 v[4];
-            for (int j = 0; j < 4; ++j)
-              v[j] = clamp(round_even(_mm256_mul_ps(_mm256_loadu_ps(w + i + 8 * j), inv)), lo, hi);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg + i), levels_to_bytes(v));
-          }
-        } else {
-          for (int64_t i = 0; i < group; ++i)
-            qg[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inverse))));
-        }
-        sp[r * G + g] = s;
+  for_each_group(RowReader{weight, K}, N, group, [&](int64_t r, int64_t g, const float* w) {
+    int8_t* qg = qp + r * K + g * group;
+    const bool vector = group % 32 == 0;
+    float amax = 0.f;
+    if (vector) amax = abs_max(w, group);
+    else
+      for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(w[i]));
+    const float s = amax / 127.f;
+    const float inverse = s > 0.f ? 1.f / s : 0.f;
+    if (vector) {
+      const __m256 inv = _mm256_set1_ps(inverse), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+      for (int64_t i = 0; i < group; i += 32) {
+        __m256 v[4];
+        for (int j = 0; j < 4; ++j)
+          v[j] = clamp(round_even(_mm256_mul_ps(_mm256_loadu_ps(w + i + 8 * j), inv)), lo, hi);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg + i), levels_to_bytes(v));
       }
+    } else {
+      for (int64_t i = 0; i < group; ++i)
+        qg[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(w[i] * inverse))));
     }
+    sp[r * G + g] = s;
   });
   return {q, scales};
 }
@@ -137,55 +143,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quantize_int4_native(con
   uint8_t* qp = q.data_ptr<uint8_t>();
   at::Half* sp = scales.data_ptr<at::Half>();
   at::Half* op = offsets.data_ptr<at::Half>();
-  const RowReader reader{weight, K};
   std::atomic<int64_t> status{0};
-  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(K);
-    for (int64_t r = r0; r < r1; ++r) {
-      reader.read(r, row.data());
-      for (int64_t g = 0; g < G; ++g) {
-        const float* w = row.data() + g * group;
-        at::Half scale, offset;
-        if (symmetric) {
-          const float amax = abs_max(w, group);
-          int64_t at_max = 0;  // the first index of the largest |w|, as argmax
-          while (at_max + 1 < group && std::fabs(w[at_max]) != amax) ++at_max;
-          const float s = w[at_max] / -8.f;
-          if (std::fabs(s) > kFp16Max) status.fetch_or(1);
-          scale = at::Half(s);
-          offset = at::Half(-8.f * static_cast<float>(scale));
-        } else {
-          __m256 vlo = _mm256_loadu_ps(w), vhi = vlo;
-          for (int64_t i = 8; i < group; i += 8) {
-            vlo = _mm256_min_ps(vlo, _mm256_loadu_ps(w + i));
-            vhi = _mm256_max_ps(vhi, _mm256_loadu_ps(w + i));
-          }
-          const float hi = agentcpu_avx2::hmax(vhi);
-          __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(vlo), _mm256_extractf128_ps(vlo, 1));
-          m4 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
-          const float lo = _mm_cvtss_f32(_mm_min_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
-          const float s = (hi - lo) / 15.f;
-          if (std::fabs(s) > kFp16Max) status.fetch_or(1);
-          if (std::fabs(lo) > kFp16Max) status.fetch_or(2);
-          scale = at::Half(s);
-          offset = at::Half(lo);
-        }
-        sp[r * G + g] = scale;
-        op[r * G + g] = offset;
-        const float sc = static_cast<float>(scale), m = static_cast<float>(offset);
-        const float inverse = sc != 0.f ? 1.f / sc : 0.f;
-        const __m256 vm = _mm256_set1_ps(m), inv = _mm256_set1_ps(inverse);
-        const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.f);
-        for (int64_t b = 0; b < group; b += 32) {
-          __m256 v[4];
-          for (int j = 0; j < 4; ++j)
-            v[j] = clamp(round_even(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(w + b + 8 * j), vm), inv)), zero, top);
-          const __m256i levels = levels_to_bytes(v);  // 0..15: shifting 16-bit lanes by 4 stays in each byte
-          const __m128i packed = _mm_or_si128(_mm256_castsi256_si128(levels),
-                                              _mm_slli_epi16(_mm256_extracti128_si256(levels, 1), 4));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + r * (K / 2) + (g * group + b) / 2), packed);
-        }
+  for_each_group(RowReader{weight, K}, N, group, [&](int64_t r, int64_t g, const float* w) {
+    at::Half scale, offset;
+    if (symmetric) {
+      const float amax = abs_max(w, group);
+      int64_t at_max = 0;  // the first index of the largest |w|, as argmax
+      while (at_max + 1 < group && std::fabs(w[at_max]) != amax) ++at_max;
+      const float s = w[at_max] / -8.f;
+      if (std::fabs(s) > kFp16Max) status.fetch_or(1);
+      scale = at::Half(s);
+      offset = at::Half(-8.f * static_cast<float>(scale));
+    } else {
+      __m256 vlo = _mm256_loadu_ps(w), vhi = vlo;
+      for (int64_t i = 8; i < group; i += 8) {
+        vlo = _mm256_min_ps(vlo, _mm256_loadu_ps(w + i));
+        vhi = _mm256_max_ps(vhi, _mm256_loadu_ps(w + i));
       }
+      const float hi = agentcpu_avx2::hmax(vhi);
+      __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(vlo), _mm256_extractf128_ps(vlo, 1));
+      m4 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
+      const float lo = _mm_cvtss_f32(_mm_min_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+      const float s = (hi - lo) / 15.f;
+      if (std::fabs(s) > kFp16Max) status.fetch_or(1);
+      if (std::fabs(lo) > kFp16Max) status.fetch_or(2);
+      scale = at::Half(s);
+      offset = at::Half(lo);
+    }
+    sp[r * G + g] = scale;
+    op[r * G + g] = offset;
+    const float sc = static_cast<float>(scale), m = static_cast<float>(offset);
+    const float inverse = sc != 0.f ? 1.f / sc : 0.f;
+    const __m256 vm = _mm256_set1_ps(m), inv = _mm256_set1_ps(inverse);
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(15.f);
+    for (int64_t b = 0; b < group; b += 32) {
+      __m256 v[4];
+      for (int j = 0; j < 4; ++j)
+        v[j] = clamp(round_even(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(w + b + 8 * j), vm), inv)), zero, top);
+      const __m256i levels = levels_to_bytes(v);  // 0..15: shifting 16-bit lanes by 4 stays in each byte
+      const __m128i packed = _mm_or_si128(_mm256_castsi256_si128(levels),
+                                          _mm_slli_epi16(_mm256_extracti128_si256(levels, 1), 4));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + r * (K / 2) + (g * group + b) / 2), packed);
     }
   });
   return {q, scales, offsets, status.load()};
