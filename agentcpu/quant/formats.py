@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from agentcpu.errors import InvalidRequestError
+from agentcpu.hardware import huge_pages
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block, and the smallest group
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -219,11 +220,15 @@ def interleave_int4(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         raise QuantizationError(f"interleaving needs out_features a multiple of 8, got {rows}")
     groups, blocks = rows // INTERLEAVE_ROWS, half // (BLOCK // 2)
     q = w.qweight.reshape(groups, INTERLEAVE_ROWS, blocks, 4, 4)  # [group, row, block, p, byte]
-    q = q.permute(0, 2, 3, 1, 4).reshape(groups, blocks, BLOCK * 4)
+    q = q.permute(0, 2, 3, 1, 4)
+    # written straight into huge pages where it is large: the layer keeps this copy, and
+    # `move_to_huge_pages` then need not fault in and copy it again (docs/architecture.md)
+    qweight = huge_pages.weight_buffer((groups, blocks, BLOCK * 4), torch.uint8)
+    qweight.view(q.shape).copy_(q)
     scales = _interleave_rows(w.scales)
     if is_symmetric_int4(w):
-        return q.contiguous(), scales, scales.new_empty(*scales.shape[:2], 0)
-    return q.contiguous(), scales, _interleave_rows(w.offsets)
+        return qweight, scales, scales.new_empty(*scales.shape[:2], 0)
+    return qweight, scales, _interleave_rows(w.offsets)
 
 
 def is_symmetric_int4(w: Int4Weight) -> bool:

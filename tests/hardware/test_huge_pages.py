@@ -143,6 +143,16 @@ def test_packed_weights_are_made_in_huge_pages_and_not_moved_again():
     assert holder.big.data_ptr() == where and huge_pages.in_huge_pages(holder.small)
 
 
+def test_interleaved_int4_weights_are_made_in_huge_pages():
+    _enabled_or_skip()
+    from agentcpu.quant import formats
+
+    w = formats.quantize_int4(torch.randn(2048, 2048), 32, symmetric=True)  # 2 MiB of int4
+    qweight, scales, offsets = formats.interleave_int4(w)
+    assert huge_pages.in_huge_pages(qweight) and "hg" in _vm_flags(qweight.data_ptr())
+    assert torch.equal(formats.deinterleave_int4(qweight, scales, offsets).qweight, w.qweight)
+
+
 def test_large_parameters_are_placed_before_loading_and_keep_their_ties():
     _enabled_or_skip()
     model = nn.Module()
