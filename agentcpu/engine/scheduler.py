@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from agentcpu.config import SchedulerConfig
 from agentcpu.engine.request import Request, RequestStatus
 from agentcpu.engine.step_cost import StepCostModel
-from agentcpu.kvcache.manager import KVCacheManager
+from agentcpu.kvcache.manager import KVCacheManager, PrefixHit
 
 
 @dataclass
@@ -134,7 +134,7 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, n))
             budget -= n
 
-    def _next_block_in_flight(self, request: Request, hit) -> bool:
+    def _next_block_in_flight(self, request: Request, hit: PrefixHit) -> bool:
         """Whether the first block past the request's cached prefix is one a running
         prefill is computing (same chain hash: same tokens from the start). Then the
         request waits: the block is published when computed, and admitting it now would

@@ -30,7 +30,7 @@ from agentcpu.hardware.native_build import (
 
 CSRC = Path(__file__).with_name("csrc")
 PACKED_TILE = CSRC / "bf16_packed_tile.h"  # shared entry + packed tile (also for quant/)
-AVX2_MATH = CSRC / "avx2_math.h"  # bf16 <-> fp32 and exp on 8 lanes
+AVX2_MATH = CSRC / "avx2_math.h"  # bf16 <-> fp32, exp, horizontal max / min, int8 packing
 TENSOR_ROWS = CSRC / "tensor_rows.h"  # [..., K] <-> [rows, K] without an op when already 2-D
 GIL = CSRC / "gil.h"  # release the GIL while a kernel runs, unless the decode stack did
 # what every user of the packed tile puts first

@@ -78,16 +78,11 @@ class PackedLinear(FastModule):
         self.kernel = bf16_packed_kernel()
 
     @classmethod
-    def from_linear(cls, layer: Linear) -> PackedLinear:
+    def from_linear(cls, layer: Linear, take: bool = False) -> PackedLinear:
+        """`take`: pack the weight in its own memory where it can (`pack_weight`'s
+        `in_place`); the layer must not be used afterwards (the loader's swap)."""
         bias = None if layer.bias is None else layer.bias.data
-        return cls(pack_weight(layer.weight.data), bias)
-
-    @classmethod
-    def taking_linear(cls, layer: Linear) -> PackedLinear:
-        """`from_linear` packing the weight in its own memory where it can: the layer
-        must not be used afterwards (the loader's swap)."""
-        bias = None if layer.bias is None else layer.bias.data
-        return cls(pack_weight(layer.weight.data, in_place=True), bias)
+        return cls(pack_weight(layer.weight.data, in_place=take), bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,7 +138,7 @@ def pack_linears(model: nn.Module) -> int:
         if packable(child)
     ]
     for parent, name, child in swaps:  # one at a time: each plain weight is freed as we go
-        setattr(parent, name, PackedLinear.taking_linear(child))
+        setattr(parent, name, PackedLinear.from_linear(child, take=True))
     return len(swaps) + _pack_tied_head(model)
 
 

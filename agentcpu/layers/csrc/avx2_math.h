@@ -1,5 +1,6 @@
 // AVX2 helpers the fp32-widening kernels share (`fused_ops.cpp`, `bf16_packed_tile.h`,
-// `prefill_attention_avx2.cpp`): bf16 <-> fp32 on 8 lanes and a vector exp for softmax.
+// `prefill_attention_avx2.cpp`, the quant kernels): bf16 <-> fp32 on 8 lanes, a vector
+// exp for softmax, horizontal max / min, and fp32 -> int8 packing.
 // `hardware.native_build` puts this text before each of those sources (`prelude`), so a
 // change here rebuilds them all. Empty where the compiler targets no AVX2.
 #include <immintrin.h>
@@ -57,6 +58,21 @@ inline float hmax(__m256 v) {
   const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 s2 = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// The min of the 8 lanes.
+inline float hmin(__m256 v) {
+  const __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_min_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// 32 fp32 values, already whole numbers in int8 range, as 32 bytes in order.
+inline __m256i to_int8x32(const __m256 v[4]) {
+  const __m256i a = _mm256_packs_epi32(_mm256_cvtps_epi32(v[0]), _mm256_cvtps_epi32(v[1]));
+  const __m256i b = _mm256_packs_epi32(_mm256_cvtps_epi32(v[2]), _mm256_cvtps_epi32(v[3]));
+  // the packs work within 128-bit lanes: one permute puts the bytes back in order
+  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 }  // namespace agentcpu_avx2

@@ -129,15 +129,10 @@ inline float quantize_block(const T* x, int8_t* q) {
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float d = _mm_cvtss_f32(m) / 127.f;
   const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  __m256i n[4];
+  __m256 n[4];
   for (int i = 0; i < 4; ++i)
-    n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  // packs work within 128-bit lanes: undo the interleave with one permute
-  __m256i a = _mm256_packs_epi32(n[0], n[1]), b = _mm256_packs_epi32(n[2], n[3]);
-  __m256i bytes = _mm256_packs_epi16(a, b);
-  bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+    n[i] = _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), agentcpu_avx2::to_int8x32(n));
   return d;
 }
 

@@ -49,15 +49,6 @@ struct RowReader {
   }
 };
 
-
-// 32 fp32 levels, already rounded and clamped into int8 range -> 32 bytes in order.
-inline __m256i levels_to_bytes(const __m256 v[4]) {
-  const __m256i a = _mm256_packs_epi32(_mm256_cvtps_epi32(v[0]), _mm256_cvtps_epi32(v[1]));
-  const __m256i b = _mm256_packs_epi32(_mm256_cvtps_epi32(v[2]), _mm256_cvtps_epi32(v[3]));
-  // the packs work within 128-bit lanes: one permute puts the bytes back in order
-  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
 inline __m256 round_even(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 inline __m256 clamp(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, v)); }
@@ -102,9 +93,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_native(const at::Tensor& weight
   at::Tensor scales = at::empty({N, G}, weight.options().dtype(at::kFloat));
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
+  const bool vector = group % 32 == 0;  // else the scalar loops
   for_each_group(RowReader{weight, K}, N, group, [&](int64_t r, int64_t g, const float* w) {
     int8_t* qg = qp + r * K + g * group;
-    const bool vector = group % 32 == 0;
     float amax = 0.f;
     if (vector) amax = abs_max(w, group);
     else
@@ -117,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_native(const at::Tensor& weight
         __m256 v[4];
         for (int j = 0; j < 4; ++j)
           v[j] = clamp(round_even(_mm256_mul_ps(_mm256_loadu_ps(w + i + 8 * j), inv)), lo, hi);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg + i), levels_to_bytes(v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg + i), agentcpu_avx2::to_int8x32(v));
       }
     } else {
       for (int64_t i = 0; i < group; ++i)
@@ -160,10 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quantize_int4_native(con
         vlo = _mm256_min_ps(vlo, _mm256_loadu_ps(w + i));
         vhi = _mm256_max_ps(vhi, _mm256_loadu_ps(w + i));
       }
-      const float hi = agentcpu_avx2::hmax(vhi);
-      __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(vlo), _mm256_extractf128_ps(vlo, 1));
-      m4 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
-      const float lo = _mm_cvtss_f32(_mm_min_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+      const float hi = agentcpu_avx2::hmax(vhi), lo = agentcpu_avx2::hmin(vlo);
       const float s = (hi - lo) / 15.f;
       if (std::fabs(s) > kFp16Max) status.fetch_or(1);
       if (std::fabs(lo) > kFp16Max) status.fetch_or(2);
@@ -180,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quantize_int4_native(con
       __m256 v[4];
       for (int j = 0; j < 4; ++j)
         v[j] = clamp(round_even(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(w + b + 8 * j), vm), inv)), zero, top);
-      const __m256i levels = levels_to_bytes(v);  // 0..15: shifting 16-bit lanes by 4 stays in each byte
+      const __m256i levels = agentcpu_avx2::to_int8x32(v);  // 0..15: shifting 16-bit lanes by 4 stays in each byte
       const __m128i packed = _mm_or_si128(_mm256_castsi256_si128(levels),
                                           _mm_slli_epi16(_mm256_extracti128_si256(levels, 1), 4));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + r * (K / 2) + (g * group + b) / 2), packed);
