@@ -7,6 +7,31 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <cstdint>
+#include <new>
+#include <vector>
+
+namespace agentcpu_amx {
+
+// std::vector storage on 64-byte boundaries. A tile row (64 bytes) that straddles two
+// cache lines costs two loads: tiles read from a 16-byte-aligned std::vector ran ~2x
+// slower in a microbenchmark (docs/kernels.md, "AMX GEMM rate").
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, Aligned64<T>>;
+
+}  // namespace agentcpu_amx
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #define AGENTCPU_AMX 1

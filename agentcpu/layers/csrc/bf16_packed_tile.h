@@ -249,7 +249,7 @@ constexpr int64_t amx_l2_bytes() { return int64_t{1} << 20; }
 inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* x, int64_t M, uint16_t* out,
                              int64_t N, const float* bias, int64_t b0, int64_t b1) {
   const int64_t full = M / kAmxRows, tiles = (M + kAmxRows - 1) / kAmxRows;
-  std::vector<uint16_t> tail;
+  agentcpu_amx::AlignedVector<uint16_t> tail;
   if (tiles > full) {
     tail.assign(kAmxRows * K, 0);
     std::memcpy(tail.data(), x + full * kAmxRows * K, (M - full * kAmxRows) * K * sizeof(uint16_t));
@@ -260,7 +260,7 @@ inline void amx_blocks_range(const uint16_t* packed, int64_t K, const uint16_t* 
   // over all of K where the tokens are few (the weights stream from memory once) or
   // their rows do not fit (down_proj's 4,864 columns: chunking measured 25 % slower).
   const int64_t kc = tiles > 2 && tiles * kAmxRows * K * 2 <= amx_l2_bytes() ? amx_k_chunk() : K;
-  std::vector<float> part(kc < K ? tiles * kAmxRows * 2 * kBlockRows : 0);
+  agentcpu_amx::AlignedVector<float> part(kc < K ? tiles * kAmxRows * 2 * kBlockRows : 0);
   agentcpu_amx::configure();
   for (int64_t b = b0; b < b1; b += 2) {
     const bool two = b + 1 < b1;

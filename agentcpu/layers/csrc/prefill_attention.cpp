@@ -44,8 +44,8 @@ constexpr int64_t kQueriesPerItem = 16;
 
 // One KV head's context, packed for the two products (see the header).
 struct PackedContext {
-  std::vector<uint16_t> keys;    // [Cp/16][D/2][16][2]
-  std::vector<uint16_t> values;  // [D/16][Cp/2][16][2]
+  agentcpu_amx::AlignedVector<uint16_t> keys;    // [Cp/16][D/2][16][2], tile rows on cache lines
+  agentcpu_amx::AlignedVector<uint16_t> values;  // [D/16][Cp/2][16][2]
   int64_t padded = 0;            // Cp: C rounded up to the key block
 };
 
