@@ -67,17 +67,20 @@ inline __m256 load_halves(const at::Half* p, int64_t n, bool readable) {
 // saturate: |a| <= 128, |b| <= 127) + madd against ones.
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define AGENTCPU_VNNI 1
-inline __m256i dot4_u8s8(__m256i a, __m256i b) {
+// acc + the sums (one instruction where a running int32 sum is kept)
+inline __m256i dot4_u8s8_acc(__m256i acc, __m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+  return _mm256_dpbusd_epi32(acc, a, b);
 #else
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+  return _mm256_dpbusd_avx_epi32(acc, a, b);
 #endif
 }
+inline __m256i dot4_u8s8(__m256i a, __m256i b) { return dot4_u8s8_acc(_mm256_setzero_si256(), a, b); }
 #else
 inline __m256i dot4_u8s8(__m256i a, __m256i b) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 }
+inline __m256i dot4_u8s8_acc(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, dot4_u8s8(a, b)); }
 #endif
 
 // Quantized activations of B tokens: int8 values, one scale per 32-block, and (int4)
@@ -233,7 +236,7 @@ inline __m256 int4_chunk_dot(const Int4Chunk& c, const int8_t* xq) {
   const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
   const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
 #ifdef AGENTCPU_VNNI
-  const __m256i p = _mm256_add_epi32(dot4_u8s8(c.lo, xl), dot4_u8s8(c.hi, xh));
+  const __m256i p = dot4_u8s8_acc(dot4_u8s8(c.lo, xl), c.hi, xh);
 #else  // add the s16 pairs first (|sum| <= 2 * 2 * 15 * 127): one madd instead of two
   const __m256i p = _mm256_madd_epi16(
       _mm256_add_epi16(_mm256_maddubs_epi16(c.lo, xl), _mm256_maddubs_epi16(c.hi, xh)),
@@ -491,9 +494,8 @@ void int4_x8_rows(const Int4X8Layer& L, int64_t g8, const QuantActs& a, const fl
         int32_t x_lo, x_hi;
         std::memcpy(&x_lo, xq[j] + b * kBlock + 4 * p, 4);
         std::memcpy(&x_hi, xq[j] + b * kBlock + 16 + 4 * p, 4);
-#ifdef AGENTCPU_VNNI  // int32 sums
-        dot[j] = _mm256_add_epi32(dot[j], _mm256_add_epi32(dot4_u8s8(lo, _mm256_set1_epi32(x_lo)),
-                                                           dot4_u8s8(hi, _mm256_set1_epi32(x_hi))));
+#ifdef AGENTCPU_VNNI  // int32 sums, accumulated by the instruction itself
+        dot[j] = dot4_u8s8_acc(dot4_u8s8_acc(dot[j], lo, _mm256_set1_epi32(x_lo)), hi, _mm256_set1_epi32(x_hi));
 #else  // int16 pair sums: 8 products of <= 15 * 127 per lane, at most 30,480
         dot[j] = _mm256_add_epi16(dot[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_lo)),
                                                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_hi))));
