@@ -1,8 +1,9 @@
 // Intel AMX tile set-up shared by the kernels that multiply on tiles (the packed bf16
 // linear, `bf16_packed_tile.h`, and prefill attention): the OS permission and the one
 // tile configuration they all use, 8 tiles of 16 rows x 64 bytes. `hardware.native_build`
-// puts this text before those sources (`prelude`). Everything here exists only in a build
-// for a CPU with AMX-BF16 (`-march=native` on Sapphire Rapids and later).
+// puts this text before those sources (`prelude`). Everything here but `AlignedVector`
+// (which the same kernels also use without AMX) exists only in a build for a CPU with
+// AMX-BF16 (`-march=native` on Sapphire Rapids and later).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>

@@ -80,7 +80,6 @@ inline __m256i dot4_u8s8(__m256i a, __m256i b) { return dot4_u8s8_acc(_mm256_set
 inline __m256i dot4_u8s8(__m256i a, __m256i b) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
 }
-inline __m256i dot4_u8s8_acc(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, dot4_u8s8(a, b)); }
 #endif
 
 // Quantized activations of B tokens: int8 values, one scale per 32-block, and (int4)
