@@ -96,7 +96,7 @@ def test_only_bf16_shapes_that_pack():
 @pytest.mark.parametrize("n, k", [(16, 2), (48, 64), (80, 100), (272, 896), (96, 4864)])
 def test_kernel_matches_fp32_reference(rows, n, k):
     """Every remainder of the token groups (6 on AVX-512, 4 on AVX2, where one and two
-    tokens take 4 and 2 blocks a tile) and of the 4-block tiles (1, 3, 5 and 17 blocks),
+    tokens take 4 and 2 blocks a tile; from 8 tokens 6 on AVX-512F without BF16) and of the 4-block tiles (1, 3, 5 and 17 blocks),
     128-token panels and one past it, K of one pair and K long."""
     gen = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -115,11 +115,12 @@ def test_kernel_rounds_like_torch_and_keeps_nan():
     outputs, not a finite value."""
     w = torch.ones(16, 2).bfloat16()
     x = torch.tensor([[1.0, 2**-8], [1 + 2**-7, 2**-8], [float("nan"), 1.0]]).bfloat16()
-    out = bf16_packed_kernel().bf16_packed_linear(x, pack_weight(w), None)
-    expected = (x[:2].float() @ w.float().T).bfloat16()
-    assert torch.equal(out[:2], expected)
-    assert out[0, 0].item() == 1.0 and out[1, 0].item() == 1 + 2**-6
-    assert torch.isnan(out[2]).all()
+    for copies in (1, 4):  # 3 rows (decode-sized tiles) and 12 (batch tiles)
+        out = bf16_packed_kernel().bf16_packed_linear(x.repeat(copies, 1), pack_weight(w), None)
+        for i in range(0, 3 * copies, 3):
+            assert torch.equal(out[i : i + 2], (x[:2].float() @ w.float().T).bfloat16())
+            assert out[i, 0].item() == 1.0 and out[i + 1, 0].item() == 1 + 2**-6
+            assert torch.isnan(out[i + 2]).all()
 
 
 @needs_packed

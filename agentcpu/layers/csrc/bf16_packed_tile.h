@@ -23,6 +23,9 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #define AGENTCPU_PACKED_AVX2 1  // the tile widens each line to fp32 and uses FMAs
 #define AGENTCPU_PACKED 1
+#if defined(__AVX512F__)
+#define AGENTCPU_PACKED_AVX512 1  // ... on 16 lanes from kMinRows512 tokens
+#endif
 #endif
 
 namespace agentcpu_packed {
@@ -59,8 +62,60 @@ inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::
   return io;
 }
 
+constexpr int64_t kPanelTokens = 128;
+
+// Tokens per group when a panel of `panel` tokens is split into near-equal groups of at
+// most `per_tile` (8 = 4 + 4: a small group pays the same weight loads for less).
+inline int64_t group_tokens(int64_t panel, int64_t per_tile) {
+  const int64_t groups = (panel + per_tile - 1) / per_tile;
+  return (panel + groups - 1) / groups;
+}
+
+#ifdef AGENTCPU_PACKED_AVX512
+// From this many tokens a product takes the AVX-512 tile (fewer: the AVX2 tile, whose
+// prefetching keeps a decode step at the bandwidth; at 8 rows the 16-lane tile was
+// 1.6-2.3x faster, at 4 no faster).
+constexpr int64_t kMinRows512 = 8;
+constexpr int64_t kTokensPerTile512 = 8;
+
+// bf16 rows x [M][K] -> fp32 in the AVX-512 tile's order: each panel's token groups
+// (`group_tokens`) in turn, a group of T tokens as [K / 2][T][2], so the tile finds every
+// broadcast at a constant offset from one pointer. A group occupies the same T * K
+// values as its rows did. Per 8 k pairs, each token's 16 values widen in one register and
+// scatter as 8 pairs (8-byte lanes) T pairs apart.
+inline void widen_interleaved(const uint16_t* x, int64_t M, int64_t K, float* dst) {
+  const int64_t K2 = K / 2, panels = (M + kPanelTokens - 1) / kPanelTokens;
+  // groups are numbered within each panel, which holds ceil(panel / 8) <= 16 of them
+  constexpr int64_t per_panel = (kPanelTokens + kTokensPerTile512 - 1) / kTokensPerTile512;
+  at::parallel_for(0, panels * per_panel, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p0 = g / per_panel * kPanelTokens, panel = std::min(kPanelTokens, M - p0);
+      const int64_t pg = group_tokens(panel, kTokensPerTile512), t0 = p0 + g % per_panel * pg;
+      if (t0 >= p0 + panel) continue;
+      const int64_t T = std::min(pg, p0 + panel - t0);
+      double* out = reinterpret_cast<double*>(dst + t0 * K);  // pair kp of token t at out[kp * T + t]
+      const __m512i index = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(T));
+      for (int64_t t = 0; t < T; ++t) {
+        const uint16_t* row = x + (t0 + t) * K;
+        int64_t kp = 0;
+        for (; kp + 8 <= K2; kp += 8) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * kp));
+          const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+          _mm512_i64scatter_pd(out + kp * T + t, index, _mm512_castsi512_pd(wide), 8);
+        }
+        for (; kp < K2; ++kp) {
+          const uint32_t pair[2] = {static_cast<uint32_t>(row[2 * kp]) << 16, static_cast<uint32_t>(row[2 * kp + 1]) << 16};
+          std::memcpy(out + kp * T + t, pair, sizeof(pair));
+        }
+      }
+    }
+  });
+}
+#endif
+
 // The activations as the packed tile reads them: bf16 rows for VDPBF16PS; fp32 rows on
-// AVX2, whose tile broadcasts fp32 values (widened here, once per call for all threads).
+// AVX2, whose tile broadcasts fp32 values (widened here, once per call for all threads),
+// interleaved by token group for the AVX-512 tile.
 #ifdef AGENTCPU_PACKED_AVX2
 using TileInput = float;
 // Widened here rather than by `to(kFloat)`: that is four dispatched ops a call.
@@ -68,6 +123,12 @@ inline at::Tensor tile_input(const LinearIO& io) {
   at::Tensor wide = at::empty(io.x2.sizes(), io.x2.options().dtype(at::kFloat));
   const uint16_t* src = static_cast<const uint16_t*>(io.x2.data_ptr());
   float* dst = wide.data_ptr<float>();
+#ifdef AGENTCPU_PACKED_AVX512
+  if (io.M >= kMinRows512 && io.x2.size(1) % 2 == 0) {
+    widen_interleaved(src, io.M, io.x2.size(1), dst);
+    return wide;
+  }
+#endif
   const int64_t n = io.x2.numel();
   at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
     int64_t i = i0;
@@ -93,7 +154,6 @@ inline at::Tensor in_x_shape(const at::Tensor& out, const at::Tensor& x) { retur
 constexpr int64_t kBlockRows = 16;   // rows per packed block (one zmm of outputs)
 constexpr int kBlocksPerTile = 4;    // 64 rows per tile (a parallel task's unit)
 constexpr int kTokensPerTile = 6;    // 24 zmm / 12 ymm accumulators
-constexpr int64_t kPanelTokens = 128;
 
 #ifdef AGENTCPU_PACKED_BF16
 
@@ -428,11 +488,122 @@ inline int64_t tile_group(int T, int64_t b, int64_t b1, const uint16_t* w, int64
   }
 }
 
+#ifdef AGENTCPU_PACKED_AVX512
+
+// AVX-512F without BF16 arithmetic (Skylake-SP, Cascade Lake, Ice Lake servers): the AVX2
+// widening on whole 64-byte lines, 16 rows x 2 k each (k shifted up 16 bits, k + 1 masked),
+// and 16-lane FMAs. Tile: 3 blocks x up to 8 tokens = 24 zmm accumulators; per k pair 3
+// lines widen twice (6 integer ops) and feed 48 FMAs. The activations of a token group
+// are interleaved first ([K / 2][T][2] fp32, `interleave_group`), so the tile reads every
+// broadcast at a constant offset from one pointer: with T row pointers GCC ran short of
+// registers. Measured on an Ice Lake (2 cores, 512 tokens): 3 x 8 at 245-275 GFLOPS, 2 x
+// 12-14 at 230-255, 4 x 6 at 190-210 (200-210 without the interleaving); FMAs with
+// embedded broadcasts (inline asm) 130-160 (the loads then bound it). docs/kernels.md,
+// "AVX-512 without BF16".
+constexpr int kBlocksPerTile512 = 3;
+static_assert(kBlocksPerTile512 == 3, "blocks_range512 switches over 1-3 blocks");
+
+// 16 fp32 -> 16 bf16 bits, rounded to nearest even, NaN -> a quiet NaN (as c10::BFloat16).
+inline __m256i to_bf16_x16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// out[t * N + b * 16 + (0..15)] for RB blocks from `w` and T tokens; xg: the group's
+// activations interleaved [K2][T][2].
+template <int RB, int T>
+inline void tile512(const uint16_t* w, int64_t K2, const float* xg, uint16_t* out, int64_t N, const float* bias) {
+  __m512 acc[T][RB];
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
+  const int64_t block_stride = K2 * 2 * kBlockRows;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    const float* xk = xg + kp * 2 * T;
+    const uint16_t* wk = w + kp * 2 * kBlockRows;
+    __m512 wv[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+      wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(wk + r * block_stride), 16));
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_set1_ps(xk[2 * t]);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+      wv[r] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(wk + r * block_stride), high));
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_set1_ps(xk[2 * t + 1]);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    const __m512 b = bias != nullptr ? _mm512_loadu_ps(bias + r * kBlockRows) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * N + r * kBlockRows),
+                          to_bf16_x16(_mm512_add_ps(acc[t][r], b)));
+  }
+}
+
+template <int RB, int T = static_cast<int>(kTokensPerTile512)>
+inline void tile512_tokens(int tokens, const uint16_t* w, int64_t K2, const float* xg, uint16_t* out, int64_t N,
+                           const float* bias) {
+  if constexpr (T > 1) {
+    if (tokens < T) return tile512_tokens<RB, T - 1>(tokens, w, K2, xg, out, N, bias);
+  }
+  tile512<RB, T>(w, K2, xg, out, N, bias);
+}
+
+// `blocks_range` on the AVX-512 tile: x as `widen_interleaved` wrote it; each panel's
+// token groups pass over kBlocksPerTile512 blocks while they are in L1/L2.
+inline void blocks_range512(const uint16_t* packed, int64_t K, const float* x, int64_t M, uint16_t* out,
+                            int64_t N, const float* bias, int64_t b0, int64_t b1) {
+  const int64_t K2 = K / 2, block_stride = K2 * 2 * kBlockRows;
+  for (int64_t p0 = 0; p0 < M; p0 += kPanelTokens) {
+    const int64_t panel = std::min(kPanelTokens, M - p0);
+    const int64_t group = group_tokens(panel, kTokensPerTile512);
+    for (int64_t b = b0; b < b1;) {
+      const int rb = static_cast<int>(std::min<int64_t>(kBlocksPerTile512, b1 - b));
+      const uint16_t* w = packed + b * block_stride;
+      const float* bb = bias != nullptr ? bias + b * kBlockRows : nullptr;
+      for (int64_t t0 = p0; t0 < p0 + panel; t0 += group) {
+        const int tokens = static_cast<int>(std::min(group, p0 + panel - t0));
+        uint16_t* o = out + t0 * N + b * kBlockRows;
+        const float* xt = x + t0 * K;
+        switch (rb) {
+          case 3: tile512_tokens<3>(tokens, w, K2, xt, o, N, bb); break;
+          case 2: tile512_tokens<2>(tokens, w, K2, xt, o, N, bb); break;
+          default: tile512_tokens<1>(tokens, w, K2, xt, o, N, bb);
+        }
+      }
+      b += rb;
+    }
+  }
+}
+#endif  // AGENTCPU_PACKED_AVX512
+
 // Blocks [b0, b1) against all M tokens (x widened to fp32 [M][K] by the caller, once
 // for all threads): panels of 128 tokens, each split into near-equal groups of at most 4.
 // For each group of blocks, every token group passes over them while they are in L1/L2.
 void blocks_range(const uint16_t* packed, int64_t K, const float* x, int64_t M, uint16_t* out,
                   int64_t N, const float* bias, int64_t b0, int64_t b1) {
+#ifdef AGENTCPU_PACKED_AVX512
+  if (M >= kMinRows512) {
+    blocks_range512(packed, K, x, M, out, N, bias, b0, b1);
+    return;
+  }
+#endif
   const int64_t K2 = K / 2, block_stride = K2 * 2 * kBlockRows;
   for (int64_t p0 = 0; p0 < M; p0 += kPanelTokens) {
     const int64_t panel = std::min(kPanelTokens, M - p0);
