@@ -1,6 +1,7 @@
 // AVX2 helpers the fp32-widening kernels share (`fused_ops.cpp`, `bf16_packed_tile.h`,
 // `prefill_attention_avx2.cpp`, the quant kernels): bf16 <-> fp32 on 8 lanes, a vector
-// exp for softmax, horizontal max / min, and fp32 -> int8 packing.
+// exp for softmax, horizontal max / min, and fp32 -> int8 packing; and, where the CPU
+// has AVX-512F, the same conversions and exp on 16 lanes (`agentcpu_avx512`).
 // `hardware.native_build` puts this text before each of those sources (`prelude`), so a
 // change here rebuilds them all. Empty where the compiler targets no AVX2.
 #include <immintrin.h>
@@ -76,4 +77,42 @@ inline __m256i to_int8x32(const __m256 v[4]) {
 }
 
 }  // namespace agentcpu_avx2
+#endif
+
+#if defined(__AVX512F__)
+namespace agentcpu_avx512 {
+
+// 16 bf16 -> 16 fp32.
+inline __m512 widen_bf16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// 16 fp32 -> 16 bf16 bits, rounded to nearest even, NaN -> a quiet NaN (as c10::BFloat16).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// exp(x) for x <= 0 on 16 lanes: the polynomial of `agentcpu_avx2::exp_nonpositive`,
+// scaled by 2^n with VSCALEFPS.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace agentcpu_avx512
 #endif

@@ -99,9 +99,8 @@ inline void widen_interleaved(const uint16_t* x, int64_t M, int64_t K, float* ds
         const uint16_t* row = x + (t0 + t) * K;
         int64_t kp = 0;
         for (; kp + 8 <= K2; kp += 8) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * kp));
-          const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
-          _mm512_i64scatter_pd(out + kp * T + t, index, _mm512_castsi512_pd(wide), 8);
+          const __m512 wide = agentcpu_avx512::widen_bf16(row + 2 * kp);
+          _mm512_i64scatter_pd(out + kp * T + t, index, _mm512_castps_pd(wide), 8);
         }
         for (; kp < K2; ++kp) {
           const uint32_t pair[2] = {static_cast<uint32_t>(row[2 * kp]) << 16, static_cast<uint32_t>(row[2 * kp + 1]) << 16};
@@ -503,15 +502,6 @@ inline int64_t tile_group(int T, int64_t b, int64_t b1, const uint16_t* w, int64
 constexpr int kBlocksPerTile512 = 3;
 static_assert(kBlocksPerTile512 == 3, "blocks_range512 switches over 1-3 blocks");
 
-// 16 fp32 -> 16 bf16 bits, rounded to nearest even, NaN -> a quiet NaN (as c10::BFloat16).
-inline __m256i to_bf16_x16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // out[t * N + b * 16 + (0..15)] for RB blocks from `w` and T tokens; xg: the group's
 // activations interleaved [K2][T][2].
 template <int RB, int T>
@@ -552,7 +542,7 @@ inline void tile512(const uint16_t* w, int64_t K2, const float* xg, uint16_t* ou
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * N + r * kBlockRows),
-                          to_bf16_x16(_mm512_add_ps(acc[t][r], b)));
+                          agentcpu_avx512::to_bf16(_mm512_add_ps(acc[t][r], b)));
   }
 }
 

@@ -35,6 +35,9 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define AGENTCPU_PREFILL_AVX2 1
+#if defined(__AVX512F__)
+#define AGENTCPU_PREFILL_AVX512 1  // the same flash attention on 16 lanes (`tile_block512`)
+#endif
 #endif
 
 namespace {
@@ -42,14 +45,19 @@ namespace {
 #ifdef AGENTCPU_PREFILL_AVX2
 using namespace agentcpu_avx2;
 
-constexpr int64_t kKeyBlock = 64;  // keys per block: 8 ymm of scores per row
+constexpr int64_t kKeyBlock = 64;  // keys per block: 8 ymm (4 zmm) of scores per row
 constexpr int kRows = 6;           // rows per tile: 6 x 2 accumulators + 2 operands + 1 broadcast
 constexpr int64_t kQueriesPerItem = 16;
+#ifdef AGENTCPU_PREFILL_AVX512
+constexpr int64_t kLanes = 16;  // fp32 lanes of a vector register
+#else
+constexpr int64_t kLanes = 8;
+#endif
 
 // One key block of one KV head, widened to fp32; keys past the context are zero.
 struct WideBlock {
-  std::vector<float> keys;    // [kKeyBlock / 8][D][8]
-  std::vector<float> values;  // [D / 8][kKeyBlock][8]
+  std::vector<float> keys;    // [kKeyBlock / kLanes][D][kLanes]
+  std::vector<float> values;  // [D / kLanes][kKeyBlock][kLanes]
 };
 
 void widen_block(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* slots, int64_t C,
@@ -63,12 +71,17 @@ void widen_block(const uint16_t* k_cache, const uint16_t* v_cache, const int64_t
     const int64_t row = (slots[first + j] * KVH + kh) * D;
     const uint16_t* k = k_cache + row;
     const uint16_t* v = v_cache + row;
-    float* kdst = wb.keys.data() + (j / 8) * D * 8 + j % 8;
+    float* kdst = wb.keys.data() + (j / kLanes) * D * kLanes + j % kLanes;
     for (int64_t d = 0; d < D; ++d) {
       const uint32_t bits = static_cast<uint32_t>(k[d]) << 16;
-      std::memcpy(kdst + d * 8, &bits, sizeof(bits));
+      std::memcpy(kdst + d * kLanes, &bits, sizeof(bits));
     }
-    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(wb.values.data() + (c / 8) * kKeyBlock * 8 + j * 8, widen_bf16(v + c));
+    float* vdst = wb.values.data() + j * kLanes;
+#ifdef AGENTCPU_PREFILL_AVX512
+    for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(vdst + (c / 16) * kKeyBlock * 16, agentcpu_avx512::widen_bf16(v + c));
+#else
+    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(vdst + (c / 8) * kKeyBlock * 8, widen_bf16(v + c));
+#endif
   }
 }
 
@@ -79,6 +92,91 @@ struct SpanRows {
   std::vector<int64_t> pos;
 };
 
+#ifdef AGENTCPU_PREFILL_AVX512
+// Rows [r0, r0 + T) of a span against the widened block at `first`, on 16 lanes: the
+// scores of all 64 keys in one pass (T x 4 zmm, a broadcast query value against 16 keys),
+// then O += P V 64 channels a pass (T x 4 zmm). D is a template parameter so every row's
+// query and output sit at constant offsets from one pointer.
+template <int T, int D>
+void tile_block512(SpanRows& rows, int64_t r0, const WideBlock& wb, int64_t first, float scale) {
+  using namespace agentcpu_avx512;
+  constexpr int V = kKeyBlock / 16;  // zmm per row of scores, and per pass of channels
+  alignas(64) float s[kRows][kKeyBlock];
+  const int64_t* pos = rows.pos.data() + r0;
+  const float* q = rows.q.data() + r0 * D;
+  {
+    __m512 acc[T][V];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) acc[t][g] = _mm512_setzero_ps();
+    const float* k = wb.keys.data();
+    for (int64_t d = 0; d < D; ++d) {
+      __m512 kv[V];
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) kv[g] = _mm512_loadu_ps(k + (g * D + d) * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512 qv = _mm512_set1_ps(q[t * D + d]);
+#pragma GCC unroll 4
+        for (int g = 0; g < V; ++g) acc[t][g] = _mm512_fmadd_ps(qv, kv[g], acc[t][g]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) _mm512_store_ps(s[t] + g * 16, acc[t][g]);
+  }
+  // online softmax per row: s becomes the probabilities
+  float corr[kRows];
+  for (int t = 0; t < T; ++t) {
+    const int64_t r = r0 + t;
+    for (int64_t j = std::max<int64_t>(0, pos[t] + 1 - first); j < kKeyBlock; ++j)
+      s[t][j] = -std::numeric_limits<float>::infinity();
+    __m512 mx = _mm512_load_ps(s[t]);
+    for (int64_t j = 16; j < kKeyBlock; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(s[t] + j));
+    const float m_new = std::max(rows.m[r], _mm512_reduce_max_ps(mx) * scale);
+    const __m512 sc = _mm512_set1_ps(scale), shift = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kKeyBlock; j += 16) {
+      const __m512 e = exp_nonpositive(_mm512_fmsub_ps(_mm512_load_ps(s[t] + j), sc, shift));
+      _mm512_store_ps(s[t] + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    corr[t] = std::exp(rows.m[r] - m_new);  // 0 at the first block (m = -inf)
+    rows.l[r] = rows.l[r] * corr[t] + _mm512_reduce_add_ps(sum);
+    rows.m[r] = m_new;
+  }
+  // O = O * corr + P V; keys past the tile's last position add 0
+  const int64_t keys = std::min(kKeyBlock, pos[T - 1] + 1 - first);
+  float* o = rows.o.data() + r0 * D;
+  for (int64_t c = 0; c < D; c += V * 16) {
+    __m512 acc[T][V];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m512 cv = _mm512_set1_ps(corr[t]);
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) acc[t][g] = _mm512_mul_ps(_mm512_loadu_ps(o + t * D + c + g * 16), cv);
+    }
+    const float* v = wb.values.data() + (c / 16) * kKeyBlock * 16;  // channel group g at v + g * kKeyBlock * 16
+    for (int64_t j = 0; j < keys; ++j) {
+      __m512 vv[V];
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) vv[g] = _mm512_loadu_ps(v + (g * kKeyBlock + j) * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512 p = _mm512_set1_ps(s[t][j]);
+#pragma GCC unroll 4
+        for (int g = 0; g < V; ++g) acc[t][g] = _mm512_fmadd_ps(p, vv[g], acc[t][g]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int g = 0; g < V; ++g) _mm512_storeu_ps(o + t * D + c + g * 16, acc[t][g]);
+  }
+}
+#else
 // Rows [r0, r0 + T) of a span against the widened block at `first`.
 template <int T>
 void tile_block(SpanRows& rows, int64_t r0, int64_t D, const WideBlock& wb, int64_t first,
@@ -158,6 +256,18 @@ void tile_block(SpanRows& rows, int64_t r0, int64_t D, const WideBlock& wb, int6
     }
   }
 }
+#endif  // AGENTCPU_PREFILL_AVX512
+
+// A tile of T rows against the widened block, on the widest path this build has.
+template <int T>
+void tile_rows(SpanRows& rows, int64_t r0, int64_t D, const WideBlock& wb, int64_t first, float scale) {
+#ifdef AGENTCPU_PREFILL_AVX512
+  if (D == 64) tile_block512<T, 64>(rows, r0, wb, first, scale);
+  else tile_block512<T, 128>(rows, r0, wb, first, scale);
+#else
+  tile_block<T>(rows, r0, D, wb, first, scale);
+#endif
+}
 
 #endif  // AGENTCPU_PREFILL_AVX2
 
@@ -219,7 +329,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
         for (int64_t r0 = 0; r0 < R; r0 += kRows) {
           const int T = static_cast<int>(std::min<int64_t>(kRows, R - r0));
           if (rows.pos[r0 + T - 1] < first) continue;  // this tile sees no key of the block
-          agentcpu_attention::dispatch_rows(T, [&](auto t) { tile_block<decltype(t)::value>(rows, r0, D, wb, first, fscale); });
+          agentcpu_attention::dispatch_rows(T, [&](auto t) { tile_rows<decltype(t)::value>(rows, r0, D, wb, first, fscale); });
         }
       }
       for (int64_t r = 0; r < R; ++r) {
