@@ -123,7 +123,7 @@ inline at::Tensor tile_input(const LinearIO& io) {
   const uint16_t* src = static_cast<const uint16_t*>(io.x2.data_ptr());
   float* dst = wide.data_ptr<float>();
 #ifdef AGENTCPU_PACKED_AVX512
-  if (io.M >= kMinRows512 && io.x2.size(1) % 2 == 0) {
+  if (io.M >= kMinRows512) {  // K is even: the packed layout holds k pairs
     widen_interleaved(src, io.M, io.x2.size(1), dst);
     return wide;
   }
@@ -493,7 +493,7 @@ inline int64_t tile_group(int T, int64_t b, int64_t b1, const uint16_t* w, int64
 // widening on whole 64-byte lines, 16 rows x 2 k each (k shifted up 16 bits, k + 1 masked),
 // and 16-lane FMAs. Tile: 3 blocks x up to 8 tokens = 24 zmm accumulators; per k pair 3
 // lines widen twice (6 integer ops) and feed 48 FMAs. The activations of a token group
-// are interleaved first ([K / 2][T][2] fp32, `interleave_group`), so the tile reads every
+// are interleaved first ([K / 2][T][2] fp32, `widen_interleaved`), so the tile reads every
 // broadcast at a constant offset from one pointer: with T row pointers GCC ran short of
 // registers. Measured on an Ice Lake (2 cores, 512 tokens): 3 x 8 at 245-275 GFLOPS, 2 x
 // 12-14 at 230-255, 4 x 6 at 190-210 (200-210 without the interleaving); FMAs with
