@@ -604,36 +604,35 @@ at::Tensor int4_x8_gemv(const at::Tensor& x, const Int4X8Layer& L, const c10::op
   const std::vector<float> bsum = block_sums(a, B, L.K);
   at::Tensor bias_keep;
   auto [out, write] = make_output(x, x2, L.N, bias, bias_keep);
+  // Rows [8 g8, 8 g8 + R) against every token, kMaxTokens at a time: rows(nt, t0, r) fills
+  // r[j][i] for token t0 + j and row 8 g8 + i, nt a std::integral_constant.
+  auto all_tokens = [&](int64_t g8, auto width, auto rows) {
+    constexpr int R = decltype(width)::value;
+    for (int64_t t0 = 0; t0 < B; t0 += kMaxTokens) {
+      const int64_t nt = std::min<int64_t>(kMaxTokens, B - t0);
+      float r[kMaxTokens][R];
+      switch (nt) {
+        case 4: rows(std::integral_constant<int, 4>{}, t0, r); break;
+        case 3: rows(std::integral_constant<int, 3>{}, t0, r); break;
+        case 2: rows(std::integral_constant<int, 2>{}, t0, r); break;
+        default: rows(std::integral_constant<int, 1>{}, t0, r);
+      }
+      for (int64_t j = 0; j < nt; ++j)
+        for (int i = 0; i < R; ++i) write(t0 + j, g8 * 8 + i, r[j][i]);
+    }
+  };
   at::parallel_for(0, L.N / 8, kRowGrain / 8, [&](int64_t g0, int64_t g1) {
     int64_t g8 = g0;
 #ifdef AGENTCPU_VNNI512
     for (; B >= kMinTokensX16 && g8 + 2 <= g1; g8 += 2)
-      for (int64_t t0 = 0; t0 < B; t0 += kMaxTokens) {
-        const int64_t nt = std::min<int64_t>(kMaxTokens, B - t0);
-        float r[kMaxTokens][16];
-        switch (nt) {
-          case 4: int4_x16_rows<4>(L, g8, a, bsum.data(), t0, r); break;
-          case 3: int4_x16_rows<3>(L, g8, a, bsum.data(), t0, r); break;
-          case 2: int4_x16_rows<2>(L, g8, a, bsum.data(), t0, r); break;
-          default: int4_x16_rows<1>(L, g8, a, bsum.data(), t0, r);
-        }
-        for (int64_t j = 0; j < nt; ++j)
-          for (int i = 0; i < 16; ++i) write(t0 + j, g8 * 8 + i, r[j][i]);
-      }
+      all_tokens(g8, std::integral_constant<int, 16>{}, [&](auto nt, int64_t t0, float (*r)[16]) {
+        int4_x16_rows<decltype(nt)::value>(L, g8, a, bsum.data(), t0, r);
+      });
 #endif
     for (; g8 < g1; ++g8)
-      for (int64_t t0 = 0; t0 < B; t0 += kMaxTokens) {
-        const int64_t nt = std::min<int64_t>(kMaxTokens, B - t0);
-        float r[kMaxTokens][8];
-        switch (nt) {
-          case 4: int4_x8_rows<4>(L, g8, a, bsum.data(), t0, r); break;
-          case 3: int4_x8_rows<3>(L, g8, a, bsum.data(), t0, r); break;
-          case 2: int4_x8_rows<2>(L, g8, a, bsum.data(), t0, r); break;
-          default: int4_x8_rows<1>(L, g8, a, bsum.data(), t0, r);
-        }
-        for (int64_t j = 0; j < nt; ++j)
-          for (int i = 0; i < 8; ++i) write(t0 + j, g8 * 8 + i, r[j][i]);
-      }
+      all_tokens(g8, std::integral_constant<int, 8>{}, [&](auto nt, int64_t t0, float (*r)[8]) {
+        int4_x8_rows<decltype(nt)::value>(L, g8, a, bsum.data(), t0, r);
+      });
   });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
