@@ -64,6 +64,7 @@ def _case(length, context, heads, kv_heads, dim, seed):
         (300, 1000, 14, 2, 64),  # many key blocks, the last one partly masked
         (17, 130, 4, 1, 128),
         (40, 40, 2, 2, 64),  # 16-row tiles of one query head: rows past a partial tile
+        (11, 45, 4, 2, 64),  # a last key group of 13 (both gather halves partly masked), odd C
     ],
 )
 def test_matches_fp32_reference(length, context, heads, kv_heads, dim, kernel_path):
