@@ -94,6 +94,14 @@ inline __m512bh broadcast_pair(const uint16_t* p) {
   return bh(_mm512_set1_epi32(pair));
 }
 
+// VPERMT2W index that interleaves two keys' bf16 rows a (first operand) and b into the
+// VDPBF16PS value line of channels first..first+15: word 2i = a[first + i], word 2i + 1 =
+// b[first + i] (the prefill kernel's packed values, the decode kernel's value pass).
+inline __m512i pair_interleave_index(int first) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_add_epi32(_mm512_set1_epi32(((32 + first) << 16) | first), _mm512_mullo_epi32(lane, _mm512_set1_epi32(0x10001)));
+}
+
 #endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace agentcpu_attention

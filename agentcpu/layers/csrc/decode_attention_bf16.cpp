@@ -127,10 +127,7 @@ void decode_item(const uint16_t* q, int64_t q_head, const uint16_t* kc, const ui
     denom[g] = _mm512_reduce_add_ps(sum);
   }
   // values: O[g] += p[g, l] v_l, two keys and 16 channels per line
-  const __m512i lo_idx = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005,
-                                           0x00260006, 0x00270007, 0x00280008, 0x00290009, 0x002a000a, 0x002b000b,
-                                           0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const __m512i lo_idx = pair_interleave_index(0), hi_idx = pair_interleave_index(16);
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
     __m512 o_lo[G], o_hi[G];  // channels d0..d0+15, d0+16..d0+31
     for (int g = 0; g < G; ++g) o_lo[g] = o_hi[g] = _mm512_setzero_ps();

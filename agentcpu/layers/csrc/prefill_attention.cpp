@@ -65,8 +65,8 @@ void pack_context(const uint16_t* k_cache, const uint16_t* v_cache, const int64_
     alignas(64) int64_t rows[16] = {0};  // dword offset of each key's row
     for (int l = 0; l < n; ++l) rows[l] = (slots[j0 + l] * KVH + kh) * D / 2;
     const __m512i lo = _mm512_load_si512(rows), hi = _mm512_load_si512(rows + 8);
-    const __mmask8 valid_lo = static_cast<__mmask8>(n >= 8 ? 0xff : (1u << n) - 1);
-    const __mmask8 valid_hi = static_cast<__mmask8>(n >= 16 ? 0xff : n > 8 ? (1u << (n - 8)) - 1 : 0);
+    const unsigned valid = (1u << n) - 1;  // keys j0 .. j0 + n - 1; the rest gather zeros
+    const auto valid_lo = static_cast<__mmask8>(valid), valid_hi = static_cast<__mmask8>(valid >> 8);
     uint16_t* kdst = pc.keys.data() + (j0 / 16) * D * 16;
     for (int64_t p = 0; p < D / 2; ++p) {
       const __m256i a = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), valid_lo, lo, kbase + p, 4);
@@ -74,9 +74,7 @@ void pack_context(const uint16_t* k_cache, const uint16_t* v_cache, const int64_
       _mm512_store_si512(kdst + p * 32, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
     }
   }
-  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                           8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = pair_interleave_index(0);
   for (int64_t j = 0; j < C; j += 2) {
     const uint16_t* va = v_cache + (slots[j] * KVH + kh) * D;
     const uint16_t* vb = j + 1 < C ? v_cache + (slots[j + 1] * KVH + kh) * D : nullptr;
