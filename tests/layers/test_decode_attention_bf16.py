@@ -46,6 +46,44 @@ def test_matches_fp32_reference(heads, kv_heads, dim):
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads, kv_heads, dim", [(14, 2, 64), (32, 8, 64), (16, 8, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_contexts_split_into_chunks_match(heads, kv_heads, dim, threads):
+    """Contexts longer than a chunk (at most 512 keys for 2 KV heads of 64, 64 for 8 of
+    128) are split, each chunk softmaxed against its own max and merged; the lengths give
+    one-chunk and several-chunk sequences with partial last chunks, in one batch."""
+    q, k_cache, v_cache, slots, lens = _case(heads, kv_heads, dim, [700, 3, 1300, 64], seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = decode_attention_kernel().decode_attention_bf16(
+            q, k_cache, v_cache, slots, lens, dim**-0.5
+        )
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    assert (got.float() - ref).abs().max().item() < 0.02
+
+
+@needs_kernel
+def test_one_dominant_key_in_a_late_chunk():
+    """A key that takes almost all the weight, in a later chunk than the first: the merge
+    rescales the earlier chunks' sums by their max against it (merging chunk-local
+    softmaxes without that would average the chunks instead)."""
+    heads, kv_heads, dim = 14, 2, 64
+    q, k_cache, v_cache, slots, lens = _case(heads, kv_heads, dim, [1500], seed=3)
+    q[0, :7] = q[0, 0]  # KV head 0's query heads all look for the hot key
+    hot = slots[0, 1234].item()
+    k_cache[hot, 0] = q[0, 0].float().mul(8).bfloat16()
+    got = decode_attention_kernel().decode_attention_bf16(
+        q, k_cache, v_cache, slots, lens, dim**-0.5
+    )
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    assert (got.float() - ref).abs().max().item() < 0.02
+    assert (got[0, :7].float() - v_cache[hot, 0].float()).abs().max().item() < 0.02
+
+
+@needs_kernel
 def test_rejects_what_it_cannot_run():
     kernel = decode_attention_kernel()
     q, k_cache, v_cache, slots, lens = _case(4, 1, 64, [5])
