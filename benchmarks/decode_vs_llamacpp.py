@@ -3,7 +3,7 @@ on the same checkpoint and threads, each as a share of its own bandwidth rooflin
 
     python benchmarks/decode_vs_llamacpp.py --model .bench/llama3.2-1b
         [--pairs bf16:bf16 int8:q8_0 int4-g32:q4_0] [--rounds 3] [--threads 2]
-        [--output-len 128] [--prompt-len 512] [--json out.json]
+        [--output-len 128] [--prompt-len 512] [--depth 0] [--json out.json]
 
 Each pair is (our `--quant`, or bf16; the GGUF type llama.cpp runs). The GGUFs are made
 once next to the checkpoint with llama.cpp's own converter and quantizer
@@ -15,7 +15,11 @@ figures are medians over rounds. Roofline: the highest read bandwidth the probe 
 (before every round: this VM's bandwidth drifts by a quarter within minutes, and a probe
 taken once at the start put a later, faster round above "100 %")
 / the bytes one decode step reads (ours: the checkpoint as quantized at load, LM head
-included; llama.cpp: the GGUF's tensors as stored).
+included; llama.cpp: the GGUF's tensors as stored; both plus the KV of the context).
+
+`--depth N` decodes after an N-token context instead (ours: the context prefilled into
+the prefix cache first, untimed; llama-bench: `-d N -p 0`), where attention reads
+N tokens of KV per layer and step next to the weights; prefill is not measured then.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from agentcpu.llm import LLM
 from agentcpu.quant import parse_quant
 
 PEER = Path(__file__).parent / "peers" / "llamacpp.sh"
+
+
 def gguf_for(model: Path, kind: str) -> Path:
     """The checkpoint as a GGUF of `kind` (bf16, q8_0 by the converter; q4_0 etc. by
     llama-quantize from the bf16 file), made once."""
@@ -53,12 +59,15 @@ def gguf_for(model: Path, kind: str) -> Path:
     return path
 
 
-def llama_bench(gguf: Path, threads: int, output_len: int, prompt_len: int) -> dict[str, float]:
+def llama_bench(
+    gguf: Path, threads: int, output_len: int, prompt_len: int, depth: int = 0
+) -> dict[str, float]:
     env = dict(
         os.environ,
-        LLAMACPP_BENCH_PP=str(prompt_len),
+        LLAMACPP_BENCH_PP=str(0 if depth else prompt_len),
         LLAMACPP_BENCH_TG=str(output_len),
         LLAMACPP_BENCH_REPS="1",
+        LLAMACPP_BENCH_DEPTH=str(depth),
     )
     out = subprocess.run(
         [str(PEER), "bench", str(gguf), str(threads)],
@@ -69,12 +78,28 @@ def llama_bench(gguf: Path, threads: int, output_len: int, prompt_len: int) -> d
     )
     rows = json.loads(out.stdout)
     decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    if depth:
+        return {"decode_tok_s": decode}
     prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
     return {"decode_tok_s": decode, "prefill_tok_s": prefill}
 
 
-def ours(llm: LLM, output_len: int, prompt_len: int, seed: int) -> dict[str, float]:
+def decode_at_depth(llm: LLM, depth: int, output_len: int, seed: int) -> float:
+    """Decode tok/s of one stream whose first `depth` tokens are already cached."""
     engine = llm.engine
+    vocab = engine.config.model_config.vocab_size
+    context = offline.random_prompt(depth, vocab, seed)
+    offline.run_requests(engine, [context], 1)  # into the prefix cache, untimed
+    prompt = context + offline.random_prompt(1, vocab, seed + 1)
+    _wall, times = offline.run_requests(engine, [prompt], output_len)
+    decode_s = max(times.finished.values()) - max(times.first_token.values())
+    return (output_len - 1) / decode_s
+
+
+def ours(llm: LLM, output_len: int, prompt_len: int, seed: int, depth: int = 0) -> dict[str, float]:
+    engine = llm.engine
+    if depth:
+        return {"decode_tok_s": decode_at_depth(llm, depth, output_len, seed)}
     decode = offline.decode(engine, 1, 32, output_len, seed)["decode_tok_s"]
     engine.kv.pool.enable_prefix_caching = False  # a fresh prompt every time
     prefill = offline.prefill(engine, prompt_len, seed)["prefill_tok_s"]
@@ -99,6 +124,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=0, help="context tokens before the decode")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     model = Path(args.model).resolve()
@@ -117,17 +143,17 @@ def main() -> None:
             llm = LLM(
                 str(model),
                 quant=None if quant == "bf16" else quant,
-                kv_cache_gb=1.0,
-                max_model_len=2048,
+                kv_cache_gb=1.0 + args.depth * model_footprint(model).kv_bytes_per_token / 2**30,
+                max_model_len=max(2048, args.depth + args.output_len + 8),
             )
             ours(llm, 8, 32, 99)  # warm-up of each new engine: kernels built, buffers grown
             samples.setdefault(("ours", quant), []).append(
-                ours(llm, args.output_len, args.prompt_len, r)
+                ours(llm, args.output_len, args.prompt_len, r, args.depth)
             )
             del llm
             gc.collect()
             samples.setdefault(("llama.cpp", kind), []).append(
-                llama_bench(ggufs[kind], args.threads, args.output_len, args.prompt_len)
+                llama_bench(ggufs[kind], args.threads, args.output_len, args.prompt_len, args.depth)
             )
             print(
                 f"round {r} {quant}/{kind}: ours {samples['ours', quant][-1]}, "
@@ -137,28 +163,40 @@ def main() -> None:
     bandwidth = max(probes)
     print(f"read bandwidth {min(probes):.1f}-{bandwidth:.1f} GB/s; rooflines use {bandwidth:.1f}")
     rows = []
+    kv_bytes = args.depth * model_footprint(model).kv_bytes_per_token  # bf16 / f16 KV, both
+    keys = ("decode_tok_s",) if args.depth else ("decode_tok_s", "prefill_tok_s")
     for quant, kind in pairs:
-        row = {"ours": quant, "llamacpp": kind, "bandwidth_gbs": bandwidth, "probes_gbs": probes}
+        row = {
+            "ours": quant,
+            "llamacpp": kind,
+            "depth": args.depth,
+            "bandwidth_gbs": bandwidth,
+            "probes_gbs": probes,
+        }
         for engine, name, nbytes in (
             ("ours", quant, our_decode_bytes(model, quant)),
             ("llama.cpp", kind, model_footprint(ggufs[kind]).decode_bytes),
         ):
-            for key in ("decode_tok_s", "prefill_tok_s"):
+            for key in keys:
                 row[f"{engine}_{key}"] = statistics.median(s[key] for s in samples[engine, name])
-            row[f"{engine}_roofline_tok_s"] = bandwidth * 1e9 / nbytes
+            row[f"{engine}_roofline_tok_s"] = bandwidth * 1e9 / (nbytes + kv_bytes)
         rows.append(row)
+    prefill_head = " prefill tok/s | ours / llama.cpp |" if not args.depth else ""
     print(
-        "| ours / llama.cpp | decode tok/s | % of own roofline | ours / llama.cpp | prefill tok/s | ours / llama.cpp |"
+        f"| ours / llama.cpp | decode tok/s | % of own roofline | ours / llama.cpp |{prefill_head}"
     )
-    print("|---|--:|--:|--:|--:|--:|")
+    print("|---|--:|--:|--:|" + ("--:|--:|" if not args.depth else ""))
     for row in rows:
         od, ld = row["ours_decode_tok_s"], row["llama.cpp_decode_tok_s"]
-        op, lp = row["ours_prefill_tok_s"], row["llama.cpp_prefill_tok_s"]
-        print(
+        line = (
             f"| {row['ours']} / {row['llamacpp']} | {od:.1f} / {ld:.1f} | "
             f"{od / row['ours_roofline_tok_s']:.0%} / {ld / row['llama.cpp_roofline_tok_s']:.0%} | "
-            f"{od / ld:.2f}x | {op:.0f} / {lp:.0f} | {op / lp:.2f}x |"
+            f"{od / ld:.2f}x |"
         )
+        if not args.depth:
+            op, lp = row["ours_prefill_tok_s"], row["llama.cpp_prefill_tok_s"]
+            line += f" {op:.0f} / {lp:.0f} | {op / lp:.2f}x |"
+        print(line)
     if args.json:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True

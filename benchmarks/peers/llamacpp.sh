@@ -14,6 +14,7 @@
 # (llama-cpp-python sdist version, default below), LLAMACPP_JOBS (default 2),
 # LLAMACPP_REBUILD=1 (re-run cmake + ninja on an existing build),
 # LLAMACPP_THREADS (default 2), LLAMACPP_BENCH_PP / _TG / _REPS (default 512 / 128 / 5),
+# LLAMACPP_BENCH_DEPTH (tokens already in the context when -p/-n are timed; default 0),
 # LLAMACPP_PRE (pre-tokenizer name forced on an unknown tokenizer; default by model_type).
 set -euo pipefail
 
@@ -179,7 +180,8 @@ cmd_bench() {
     local gguf="$1" threads="${2:-$THREADS}"
     # llama-bench appends repeated -p/-n values, so lengths come from the environment.
     "$BIN/llama-bench" -m "$gguf" -t "$threads" -o json \
-        -p "${LLAMACPP_BENCH_PP:-512}" -n "${LLAMACPP_BENCH_TG:-128}" -r "${LLAMACPP_BENCH_REPS:-5}"
+        -p "${LLAMACPP_BENCH_PP:-512}" -n "${LLAMACPP_BENCH_TG:-128}" -r "${LLAMACPP_BENCH_REPS:-5}" \
+        -d "${LLAMACPP_BENCH_DEPTH:-0}"
 }
 
 cmd_server() {
