@@ -303,11 +303,9 @@ void amx_tile_rows(int T, const uint16_t* const* q, const int64_t* pos, int64_t 
   for (int64_t kb = 0; kb < blocks; ++kb) {
     const int64_t first_key = kb * kKeyBlock;
     amx_scores(sc.q, D, pc.keys.data(), kb, sc.s);
-    for (int t = 0; t < T; ++t) {
-      __m512 s[4];
-      for (int j = 0; j < 4; ++j) s[j] = _mm512_load_ps(sc.s + t * kKeyBlock + 16 * j);
-      softmax_block(s, first_key, pos[t], scale_log2e, sc.m[t], sc.l[t], sc.corr[t], sc.p + t * kKeyBlock);
-    }
+    for (int t = 0; t < T; ++t)
+      softmax_block(sc.s + t * kKeyBlock, first_key, pos[t], scale_log2e, sc.m[t], sc.l[t], sc.corr[t],
+                    sc.p + t * kKeyBlock);
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       amx_pv(sc.p, pc.values.data(), pc.padded, first_key, c0, sc.pv);
       for (int t = 0; t < T; ++t) {
