@@ -29,11 +29,11 @@ def _case(heads, kv_heads, dim, lens, seed=0):
 @needs_kernel
 @pytest.mark.parametrize(
     "heads, kv_heads, dim",
-    [(4, 4, 64), (14, 2, 64), (32, 8, 64), (16, 8, 128), (8, 1, 64), (6, 2, 96)],
+    [(4, 4, 64), (14, 2, 64), (32, 8, 64), (16, 8, 128), (8, 1, 64), (6, 2, 96), (40, 40, 128)],
 )
 def test_matches_fp32_reference(heads, kv_heads, dim):
-    """1-8 query heads per KV head (14/2 is Qwen2.5-0.5B, 32/8 Llama-3.2-1B), head_dim
-    64 / 96 / 128; lengths 1 (a single key), 17 (a 16-key group and one more, odd: the
+    """1-8 query heads per KV head (14/2 is Qwen2.5-0.5B, 32/8 Llama-3.2-1B, 40/40 a
+    multi-head model with 10 KB of KV a token), head_dim 64 / 96 / 128; lengths 1 (a single key), 17 (a 16-key group and one more, odd: the
     value pass's last pair is half empty) and 120."""
     q, k_cache, v_cache, slots, lens = _case(heads, kv_heads, dim, [1, 17, 120])
     got = decode_attention_kernel().decode_attention_bf16(

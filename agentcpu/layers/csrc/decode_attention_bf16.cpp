@@ -42,7 +42,6 @@ constexpr int kMaxGroup = 8;            // query heads per KV head handled here 
 constexpr int kKeys = 16;               // keys per score vector
 constexpr int64_t kChunkBytes = 128 << 10;  // K bytes of a chunk (all heads): its V then sits in L2
 constexpr int64_t kMinChunk = 64;
-constexpr int64_t kMaxRow = 8 * 512;    // KVH * D the zero row covers
 
 #ifdef AGENTCPU_ATTENTION_BF16
 
@@ -131,7 +130,6 @@ void chunk_item(const uint16_t* q, int64_t q_head, const uint16_t* kc, const uin
   sc.scores.resize(H * np);
   sc.probs.resize(H * np + 2);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  alignas(64) static thread_local uint16_t zero_row[kMaxRow] = {};
   LineCursor ahead;  // the first two groups' keys now (once per chunk), then spread
   ahead.reset(row * 2);
   ahead.add_group(kc, slots, 0, n, row);
@@ -142,7 +140,8 @@ void chunk_item(const uint16_t* q, int64_t q_head, const uint16_t* kc, const uin
     const int64_t j0 = g16 * kKeys;
     const int valid = static_cast<int>(std::min<int64_t>(kKeys, n - j0));
     const uint16_t* rows[kKeys];
-    for (int i = 0; i < kKeys; ++i) rows[i] = i < valid ? kc + slots[j0 + i] * row : zero_row;
+    // past the chunk's end: any valid row (the first), its scores are masked to -inf
+    for (int i = 0; i < kKeys; ++i) rows[i] = kc + slots[j0 + (i < valid ? i : 0)] * row;
     // while these keys are scored: the keys two groups on (blocks are scattered, the
     // hardware prefetcher restarts at each) and these keys' values, for the value pass
     ahead.reset(row * 2);
@@ -260,7 +259,6 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(D % 32 == 0 && D <= 512, "head_dim must be a multiple of 32 up to 512");
   TORCH_CHECK(H / KVH <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
-  TORCH_CHECK(KVH * D <= kMaxRow, "at most ", kMaxRow, " KV values per token");
   TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 slots/lens");
   TORCH_CHECK(slots.size(0) == B && lens.numel() == B, "one slot row per sequence");
   const at::Tensor sl = slots.contiguous(), ln = lens.contiguous();
