@@ -80,3 +80,22 @@ def test_bench_reports_each_quant_against_its_own_roofline(tmp_path):
     assert rate["int8"] == rooflines["int8"]["decode_tok_s"]
     assert rate["int4-g32"] == rooflines["int4_g32"]["decode_tok_s"]
     assert rate["int4-g32-sym"] == rooflines["int4_g32_sym"]["decode_tok_s"]
+
+
+def test_bench_decode_roofline_counts_the_context_kv(tmp_path):
+    """`bench decode --context-len N`: each step also reads N tokens of KV, so the limit
+    falls by exactly those bytes; no context is the doctor's stored-weights roofline."""
+    from agentcpu.bench.checkpoints import make_random_checkpoint
+    from agentcpu.commands.bench import roofline_limits
+    from agentcpu.hardware.doctor import doctor_report
+    from agentcpu.hardware.roofline import model_footprint
+
+    model = str(make_random_checkpoint("tiny-qwen2", tmp_path / "tiny"))
+    doctor = doctor_report(model_path=model, quick=True)
+    empty = roofline_limits(doctor, model, None)
+    assert roofline_limits(doctor, model, None, 0) == empty
+    deep = roofline_limits(doctor, model, None, 4096)
+    kv = 4096 * model_footprint(model).kv_bytes_per_token
+    assert kv > 0 and deep["step_bytes"] == empty["step_bytes"] + kv
+    assert deep["decode_tok_s"] < empty["decode_tok_s"]
+    assert roofline_limits(doctor, model, "int8", 4096)["decode_tok_s"] > deep["decode_tok_s"]

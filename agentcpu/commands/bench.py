@@ -60,6 +60,12 @@ def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--runs", type=int, default=5, help="repeats; medians are reported")
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument(
+        "--context-len",
+        type=int,
+        default=32,
+        help="decode: prompt tokens before the timed tokens (each step reads their KV too)",
+    )
     parser.add_argument("--prompt-lens", default="512,2048", help="prefill prompt lengths")
     parser.add_argument("--streams", default="1,4,16,32,64", help="concurrency levels")
     parser.add_argument("--out", default=None, help="write the JSON record here")
@@ -92,7 +98,8 @@ def _run_offline(args: argparse.Namespace) -> int:
     llm = LLM(model, **engine_options(args))
     freeze_loaded_objects()  # the loaded model stays out of the collector's walks
     engine = llm.engine
-    limits = roofline_limits(doctor, model, args.quant)
+    context = args.context_len if args.workload == "decode" else 0
+    limits = roofline_limits(doctor, model, args.quant, context)
     rows = _WORKLOAD_RUNNERS[args.workload](offline, engine, args)
     record = {
         "workload": args.workload,
@@ -114,8 +121,18 @@ def _run_offline(args: argparse.Namespace) -> int:
 
 def _decode(offline, engine, args):
     offline.decode(engine, 1, 32, 8, seed=99)  # warm-up
-    runs = [offline.decode(engine, 1, 32, args.output_len, seed=i) for i in range(args.runs)]
-    return [{"streams": 1, "decode_tok_s": offline.median_of(runs, "decode_tok_s"), "runs": runs}]
+    runs = [
+        offline.decode(engine, 1, args.context_len, args.output_len, seed=i)
+        for i in range(args.runs)
+    ]
+    return [
+        {
+            "streams": 1,
+            "context_tokens": args.context_len,
+            "decode_tok_s": offline.median_of(runs, "decode_tok_s"),
+            "runs": runs,
+        }
+    ]
 
 
 def _prefill(offline, engine, args):
@@ -176,17 +193,24 @@ _WORKLOAD_RUNNERS = {
 }
 
 
-def roofline_limits(doctor: dict, model: str, quant: str | None) -> dict[str, float]:
+def roofline_limits(
+    doctor: dict, model: str, quant: str | None, context_tokens: int = 0
+) -> dict[str, float]:
     """The roofline of `model` as `quant` stores it (`roofline.agentcpu_quant_footprint`),
-    at the doctor's bandwidth and matmul rate."""
+    at the doctor's bandwidth and matmul rate; a decode step also reads the KV of
+    `context_tokens`."""
     from agentcpu.hardware.doctor import TERA
     from agentcpu.hardware.roofline import agentcpu_quant_footprint, model_footprint, roofline
     from agentcpu.quant import parse_quant
 
-    if quant is None:
+    if quant is None and not context_tokens:
         return doctor["model"]["roofline"]["stored"]
-    footprint = agentcpu_quant_footprint(model_footprint(model), *parse_quant(quant))
-    return roofline(footprint, doctor["bandwidth_gbs"], doctor["matmul_tflops"] * TERA)
+    footprint = model_footprint(model)
+    if quant is not None:
+        footprint = agentcpu_quant_footprint(footprint, *parse_quant(quant))
+    return roofline(
+        footprint, doctor["bandwidth_gbs"], doctor["matmul_tflops"] * TERA, context_tokens
+    )
 
 
 def _model_path(args) -> str:
