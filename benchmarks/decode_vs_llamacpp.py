@@ -17,8 +17,9 @@ taken once at the start put a later, faster round above "100 %")
 / the bytes one decode step reads (ours: the checkpoint as quantized at load, LM head
 included; llama.cpp: the GGUF's tensors as stored; both plus the KV of the context).
 
-`--depth N` decodes after an N-token context instead (ours: the context prefilled into
-the prefix cache first, untimed; llama-bench: `-d N -p 0`), where attention reads
+`--depth N` decodes after an N-token context instead (ours: an N-token prompt, its
+prefill not timed, as `agentcpu bench decode --context-len N`; llama-bench: `-d N -p
+0`), where attention reads
 N tokens of KV per layer and step next to the weights; prefill is not measured then.
 """
 
@@ -84,23 +85,12 @@ def llama_bench(
     return {"decode_tok_s": decode, "prefill_tok_s": prefill}
 
 
-def decode_at_depth(llm: LLM, depth: int, output_len: int, seed: int) -> float:
-    """Decode tok/s of one stream whose first `depth` tokens are already cached."""
-    engine = llm.engine
-    vocab = engine.config.model_config.vocab_size
-    context = offline.random_prompt(depth, vocab, seed)
-    offline.run_requests(engine, [context], 1)  # into the prefix cache, untimed
-    prompt = context + offline.random_prompt(1, vocab, seed + 1)
-    _wall, times = offline.run_requests(engine, [prompt], output_len)
-    decode_s = max(times.finished.values()) - max(times.first_token.values())
-    return (output_len - 1) / decode_s
-
-
 def ours(llm: LLM, output_len: int, prompt_len: int, seed: int, depth: int = 0) -> dict[str, float]:
     engine = llm.engine
+    # the decode rate after the prompt's prefill (`offline.decode` times from the first token)
+    decode = offline.decode(engine, 1, depth or 32, output_len, seed)["decode_tok_s"]
     if depth:
-        return {"decode_tok_s": decode_at_depth(llm, depth, output_len, seed)}
-    decode = offline.decode(engine, 1, 32, output_len, seed)["decode_tok_s"]
+        return {"decode_tok_s": decode}
     engine.kv.pool.enable_prefix_caching = False  # a fresh prompt every time
     prefill = offline.prefill(engine, prompt_len, seed)["prefill_tok_s"]
     engine.kv.pool.enable_prefix_caching = True

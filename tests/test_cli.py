@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from agentcpu.cli import main
 from agentcpu.demo.runner import DEMO_MODEL_DIR
 
@@ -99,3 +101,10 @@ def test_bench_decode_roofline_counts_the_context_kv(tmp_path):
     assert kv > 0 and deep["step_bytes"] == empty["step_bytes"] + kv
     assert deep["decode_tok_s"] < empty["decode_tok_s"]
     assert roofline_limits(doctor, model, "int8", 4096)["decode_tok_s"] > deep["decode_tok_s"]
+
+
+def test_bench_decode_refuses_an_empty_context(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "decode", "--shape", "qwen2.5-0.5b", "--context-len", "0"])
+    assert exit_info.value.code == 2
+    assert "--context-len: must be >= 1, got 0" in capsys.readouterr().err

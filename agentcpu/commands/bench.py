@@ -62,13 +62,23 @@ def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument(
         "--context-len",
-        type=int,
+        type=_positive_int,
         default=32,
         help="decode: prompt tokens before the timed tokens (each step reads their KV too)",
     )
     parser.add_argument("--prompt-lens", default="512,2048", help="prefill prompt lengths")
     parser.add_argument("--streams", default="1,4,16,32,64", help="concurrency levels")
     parser.add_argument("--out", default=None, help="write the JSON record here")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
