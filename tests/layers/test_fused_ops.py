@@ -136,6 +136,57 @@ def test_decode_attention_over_padded_slots(dtype, heads, kv_heads, dim):
     assert torch.allclose(got.float(), ref, rtol=tol, atol=tol)
 
 
+def _scattered_case(heads, kv_heads, dim, lens, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = max(lens) * len(lens) + 16
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=gen).to(dtype)
+    slots = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        slots[b, :n] = torch.randperm(num_slots, generator=gen)[:n]
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, slots, torch.tensor(lens)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, dim", [(14, 2, 64), (32, 8, 64), (16, 8, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_splits_long_contexts_into_chunks(dtype, heads, kv_heads, dim, threads):
+    """Contexts longer than a chunk (128 KB of K: 512 keys for 2 bf16 KV heads of 64, 64
+    for 8 fp32 ones of 128) are split, each chunk softmaxed against its own max and merged;
+    one-chunk and several-chunk sequences with partial last chunks, in one batch."""
+    q, k_cache, v_cache, slots, lens = _scattered_case(
+        heads, kv_heads, dim, [700, 3, 1300, 64], dtype, seed=2
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fused().decode_attention(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), ref, rtol=tol, atol=tol)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_one_dominant_key_in_a_late_chunk(dtype):
+    """A key that takes almost all the weight, in a later chunk than the first: the merge
+    rescales the earlier chunks' sums by their max against it (merging chunk-local
+    softmaxes without that would average the chunks instead)."""
+    q, k_cache, v_cache, slots, lens = _scattered_case(14, 2, 64, [1500], dtype, seed=3)
+    q[0, :7] = q[0, 0]  # KV head 0's query heads all look for the hot key
+    hot = slots[0, 1234].item()
+    k_cache[hot, 0] = q[0, 0].float().mul(8).to(dtype)
+    got = fused().decode_attention(q, k_cache, v_cache, slots, lens, 64**-0.5)
+    ref = _reference_decode(q, k_cache, v_cache, slots, lens, 64**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), ref, rtol=tol, atol=tol)
+    assert (got[0, :7].float() - v_cache[hot, 0].float()).abs().max().item() < 0.02
+
+
 @needs_fused
 def test_decode_attention_rejects_a_bad_length():
     cache = torch.zeros(8, 1, 16)

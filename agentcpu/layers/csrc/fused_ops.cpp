@@ -257,86 +257,219 @@ inline __m256 hsum8(const __m256* v) {
                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// Rows are fetched this many keys ahead: a block's rows are contiguous but blocks are
-// scattered through the pool, so the hardware prefetcher restarts at every block.
-constexpr int64_t kPrefetch = 16;
-template <typename T>
-inline void prefetch_row(const T* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+// Work is split along the context ("flash decoding", as in `decode_attention_bf16.cpp`):
+// an item is one sequence's run of up to `avx2_chunk_keys` keys with *all* its KV heads,
+// so every cache line of a slot row (all heads of a token) is used by the thread that
+// fetched it, and one long sequence still spreads over every thread. An item per
+// (sequence, KV head), reading half of each 256-byte Qwen row, streamed the KV at 6-10
+// GB/s from DRAM (docs/kernels.md, session 25).
+constexpr int64_t kChunkBytes = 128 << 10;  // K bytes of a chunk (all heads): its V then sits in L2
+constexpr int64_t kMinChunk = 64;
+constexpr int64_t kKeyStep = 16;            // chunk lengths are multiples of this
+
+// Keys per chunk: its K about kChunkBytes, and fewer where that leaves threads idle (a
+// few long sequences: aim at 4 items a thread), in 16-key steps.
+inline int64_t avx2_chunk_keys(int64_t B, int64_t max_len, int64_t row_bytes) {
+  const int64_t cap = std::max<int64_t>(kMinChunk, kChunkBytes / row_bytes / kKeyStep * kKeyStep);
+  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B - 1) / B);
+  const int64_t even = (max_len + want - 1) / want;
+  return std::clamp<int64_t>((even + kKeyStep - 1) / kKeyStep * kKeyStep, kMinChunk, cap);
 }
 
-// Keys per tile of the value pass: a tile's values (64 x D bf16) stay in L1 while each
-// 8-lane column of the output sweeps it.
+// The paged KV blocks are scattered through the pool, so the hardware prefetcher
+// restarts at every block. Software prefetch hides that only when spread out, about one
+// per line consumed (a burst of a block's lines measured no faster than none on Zen 4,
+// session 24): each (key, KV head) the score loop multiplies prefetches that head's
+// slice of the key `kAheadKeys` on and of its own value row, into L2 (T1).
+constexpr int64_t kAheadKeys = 32;
+inline void prefetch_slice(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T1);
+}
+
+// Keys per tile of the value pass: a tile's values (64 x D) stay in L1 while each 8-lane
+// column of the output sweeps it.
 constexpr int64_t kValueTile = 64;
 
-// One (sequence, KV head) for G <= 8 query heads: scores are kept as [len][8] (lane g =
-// query head g), so the softmax runs 8 heads per instruction and each key costs one
+#ifdef __AVX512VL__
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+template <int G>
+constexpr bool kTwoColumns = 2 * G + 3 <= kVectorRegisters;  // + 2 values, 1 broadcast
+
+// A chunk's result per query head h: its max scaled score m[h], the sum l[h] of
+// exp(s - m) over its keys, and the unnormalised output o[h * D ..].
+struct ChunkOut {
+  float* m;
+  float* l;
+  float* o;
+};
+
+// One sequence's keys slots[0 .. n) (a chunk of its context), all KV heads, G <= 8 query
+// heads per KV head. qf: [KVH * G][D] scaled queries; scores: [KVH][n][8] scratch (lane
+// g = query head g), so the softmax runs 8 heads per instruction and each key costs one
 // 8-way horizontal sum instead of G; the value pass keeps G output accumulators of one
 // 8-lane column in registers and broadcasts each probability from the score row.
-// qf: [G][D] scaled queries; scores: [len][8]; acc: [G][D] fp32 output (normalized).
 template <typename T, int G>
-void decode_group(const float* qf, const T* kp, const T* vp, const int64_t* sl, int64_t len,
-                  int64_t KVH, int64_t kh, int64_t D, float* scores, float* acc) {
-  for (int64_t l = 0; l < len; ++l) {
-    const T* key = kp + (sl[l] * KVH + kh) * D;
-    if (l + kPrefetch < len) prefetch_row(kp + (sl[l + kPrefetch] * KVH + kh) * D, D);
-    __m256 a[8];
-    for (int g = 0; g < 8; ++g) a[g] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-      const __m256 k = load8(key + i);
-      for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + i), k, a[g]);
-    }
-    _mm256_storeu_ps(scores + l * 8, hsum8(a));
-  }
-  __m256 mx = _mm256_loadu_ps(scores);
-  for (int64_t l = 1; l < len; ++l) mx = _mm256_max_ps(mx, _mm256_loadu_ps(scores + l * 8));
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    const __m256 e = agentcpu_avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + l * 8), mx));
-    _mm256_storeu_ps(scores + l * 8, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  float denom[8];
-  _mm256_storeu_ps(denom, sum);
-  for (int64_t t0 = 0; t0 < len; t0 += kValueTile) {
-    const int64_t t1 = std::min(len, t0 + kValueTile);
-    for (int64_t c = 0; c < D; c += 8) {
-      __m256 o[G];
-      for (int g = 0; g < G; ++g) o[g] = t0 ? _mm256_loadu_ps(acc + g * D + c) : _mm256_setzero_ps();
-      for (int64_t l = t0; l < t1; ++l) {
-        if (c == 0 && l + kPrefetch < len) prefetch_row(vp + (sl[l + kPrefetch] * KVH + kh) * D, D);
-        const __m256 v = load8(vp + (sl[l] * KVH + kh) * D + c);
-        const float* p = scores + l * 8;
-        for (int g = 0; g < G; ++g) o[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), v, o[g]);
+void decode_chunk(const float* qf, const T* kc, const T* vc, const int64_t* slots, int64_t n, int64_t KVH,
+                  int64_t D, float* scores, ChunkOut res) {
+  const int64_t row = KVH * D, slice = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t l = 0; l < std::min(n, kAheadKeys); ++l) prefetch_slice(kc + slots[l] * row, row * sizeof(T));
+  for (int64_t l = 0; l < n; ++l) {
+    const T* key = kc + slots[l] * row;
+    const T* key_ahead = l + kAheadKeys < n ? kc + slots[l + kAheadKeys] * row : nullptr;
+    const T* value = vc + slots[l] * row;
+    for (int64_t kh = 0; kh < KVH; ++kh) {
+      if (key_ahead) prefetch_slice(key_ahead + kh * D, slice);
+      prefetch_slice(value + kh * D, slice);  // for the value pass
+      const float* qh = qf + kh * G * D;
+      __m256 a[8];
+      for (int g = 0; g < 8; ++g) a[g] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) {
+        const __m256 k = load8(key + kh * D + i);
+        for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + i), k, a[g]);
       }
-      for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + c, o[g]);
+      _mm256_storeu_ps(scores + (kh * n + l) * 8, hsum8(a));
     }
   }
-  for (int g = 0; g < G; ++g) {
-    const __m256 inv = _mm256_set1_ps(1.f / denom[g]);
-    for (int64_t c = 0; c < D; c += 8)
-      _mm256_storeu_ps(acc + g * D + c, _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + c), inv));
+  for (int64_t kh = 0; kh < KVH; ++kh) {
+    float* sh = scores + kh * n * 8;
+    __m256 mx = _mm256_loadu_ps(sh);
+    for (int64_t l = 1; l < n; ++l) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sh + l * 8));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t l = 0; l < n; ++l) {
+      const __m256 e = agentcpu_avx2::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sh + l * 8), mx));
+      _mm256_storeu_ps(sh + l * 8, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float m8[8], s8[8];
+    _mm256_storeu_ps(m8, mx);
+    _mm256_storeu_ps(s8, sum);
+    for (int g = 0; g < G; ++g) {
+      res.m[kh * G + g] = m8[g];
+      res.l[kh * G + g] = s8[g];
+    }
+    const T* vh = vc + kh * D;
+    float* acc = res.o + kh * G * D;
+    for (int64_t t0 = 0; t0 < n; t0 += kValueTile) {  // the values are in L2 by now
+      const int64_t t1 = std::min(n, t0 + kValueTile);
+      int64_t c = 0;
+      // two 8-lane columns per pass where their 2G accumulators fit in
+      // registers: one column's G chains are FMA-latency bound (3-8 % on Zen 4; at G = 7
+      // with 16 registers the spills made it slower)
+      for (; kTwoColumns<G> && c + 16 <= D; c += 16) {
+        __m256 lo[G], hi[G];
+        for (int g = 0; g < G; ++g) {
+          lo[g] = t0 ? _mm256_loadu_ps(acc + g * D + c) : _mm256_setzero_ps();
+          hi[g] = t0 ? _mm256_loadu_ps(acc + g * D + c + 8) : _mm256_setzero_ps();
+        }
+        for (int64_t l = t0; l < t1; ++l) {
+          const T* v = vh + slots[l] * row + c;
+          const __m256 v_lo = load8(v), v_hi = load8(v + 8);
+          const float* p = sh + l * 8;
+          for (int g = 0; g < G; ++g) {
+            lo[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), v_lo, lo[g]);
+            hi[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), v_hi, hi[g]);
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          _mm256_storeu_ps(acc + g * D + c, lo[g]);
+          _mm256_storeu_ps(acc + g * D + c + 8, hi[g]);
+        }
+      }
+      for (; c < D; c += 8) {
+        __m256 o[G];
+        for (int g = 0; g < G; ++g) o[g] = t0 ? _mm256_loadu_ps(acc + g * D + c) : _mm256_setzero_ps();
+        for (int64_t l = t0; l < t1; ++l) {
+          const __m256 v = load8(vh + slots[l] * row + c);
+          const float* p = sh + l * 8;
+          for (int g = 0; g < G; ++g) o[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g), v, o[g]);
+        }
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc + g * D + c, o[g]);
+      }
+    }
   }
 }
 
 template <typename T>
-using DecodeGroupFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
-                               int64_t, int64_t, float*, float*);
+using DecodeChunkFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
+                               float*, ChunkOut);
 
 template <typename T>
-DecodeGroupFn<T> decode_group_for(int64_t G) {
+DecodeChunkFn<T> decode_chunk_for(int64_t G) {
   switch (G) {
-    case 1: return decode_group<T, 1>;
-    case 2: return decode_group<T, 2>;
-    case 3: return decode_group<T, 3>;
-    case 4: return decode_group<T, 4>;
-    case 5: return decode_group<T, 5>;
-    case 6: return decode_group<T, 6>;
-    case 7: return decode_group<T, 7>;
-    case 8: return decode_group<T, 8>;
+    case 1: return decode_chunk<T, 1>;
+    case 2: return decode_chunk<T, 2>;
+    case 3: return decode_chunk<T, 3>;
+    case 4: return decode_chunk<T, 4>;
+    case 5: return decode_chunk<T, 5>;
+    case 6: return decode_chunk<T, 6>;
+    case 7: return decode_chunk<T, 7>;
+    case 8: return decode_chunk<T, 8>;
     default: return nullptr;
   }
+}
+
+// The chunked kernel for every sequence: items (sequence, first key) in parallel, each
+// leaving (max, sum, unnormalised output) per head, then each sequence's chunks merged
+// with weights exp(m_c - M) and normalised.
+template <typename T>
+void decode_chunks(DecodeChunkFn<T> fn, const T* qp, int64_t q_row, int64_t q_head, const T* kp, const T* vp,
+                   const int64_t* sp, const int64_t* lp, int64_t B, int64_t L, int64_t H, int64_t KVH, int64_t D,
+                   float scale, T* op) {
+  int64_t max_len = 1;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, lp[b]);
+  const int64_t chunk = avx2_chunk_keys(B, max_len, KVH * D * static_cast<int64_t>(sizeof(T)));
+  struct Item {
+    int64_t seq, key;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first(B + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    first[b] = static_cast<int64_t>(items.size());
+    for (int64_t k0 = 0; k0 < lp[b]; k0 += chunk) items.push_back({b, k0});
+  }
+  first[B] = static_cast<int64_t>(items.size());
+  const int64_t per_item = H * (D + 2);  // every value is written by its item
+  std::vector<float> part(first[B] * per_item);
+  at::parallel_for(0, first[B], 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(H * D), scores(KVH * chunk * 8);
+    int64_t seq = -1;
+    for (int64_t it = i0; it < i1; ++it) {
+      const Item item = items[it];
+      if (item.seq != seq) {  // scaled fp32 queries, [H][D]
+        seq = item.seq;
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t i = 0; i < D; ++i) qf[h * D + i] = to_f(qp[seq * q_row + h * q_head + i]) * scale;
+      }
+      float* base = part.data() + it * per_item;
+      fn(qf.data(), kp, vp, sp + seq * L + item.key, std::min(chunk, lp[seq] - item.key), KVH, D,
+         scores.data(), ChunkOut{base, base + H, base + 2 * H});
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(D);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        float M = -INFINITY;
+        for (int64_t it = first[b]; it < first[b + 1]; ++it) M = std::max(M, part[it * per_item + h]);
+        float total = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t it = first[b]; it < first[b + 1]; ++it) {
+          const float* base = part.data() + it * per_item;
+          const float w = std::exp(base[h] - M);
+          total += w * base[H + h];
+          const float* o = base + 2 * H + h * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * o[d];
+        }
+        const float inv = 1.f / total;
+        T* dst = op + (b * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] * inv);
+      }
+    }
+  });
 }
 #endif
 
@@ -361,17 +494,8 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
         qf[g * D + i] = to_f(qp[b * q_row + (kh * G + g) * q_head + i]) * static_cast<float>(scale);
   };
 #ifdef __AVX2__
-  if (const auto fn = D % 8 == 0 ? decode_group_for<T>(G) : nullptr) {
-    at::parallel_for(0, B * KVH, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> qf(G * D), scores(8 * L), acc(G * D);
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t b = item / KVH, kh = item % KVH;
-        scaled_queries(b, kh, qf.data());
-        fn(qf.data(), kp, vp, sp + b * L, lp[b], KVH, kh, D, scores.data(), acc.data());
-        T* o = op + (b * H + kh * G) * D;
-        for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(acc[i]);
-      }
-    });
+  if (const auto fn = D % 8 == 0 ? decode_chunk_for<T>(G) : nullptr) {
+    decode_chunks<T>(fn, qp, q_row, q_head, kp, vp, sp, lp, B, L, H, KVH, D, static_cast<float>(scale), op);
     return;
   }
 #endif
