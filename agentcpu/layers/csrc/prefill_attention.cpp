@@ -92,7 +92,8 @@ void pack_context(const uint16_t* k_cache, const uint16_t* v_cache, const int64_
 // the score product, which needs the registers), max and sum.
 struct RowState {
   float* o[kRows];
-  float m[kRows], l[kRows], corr[kRows];
+  float m[kRows], corr[kRows];
+  alignas(64) float l[kRows][16];
 };
 
 // Scores of T rows against key block kb: s[t][16 j + lane] = q_t . keys[kb*64 + 16 j + lane].
@@ -129,11 +130,14 @@ inline void block_scores(const uint16_t* const* q, int64_t D, const uint16_t* ke
 }
 
 // One row's scores against a 64-key block (4 zmm, keys past `pos` masked) -> bf16
-// probabilities in `probs` relative to the running max `m`, which moves; `l` (the running
-// sum, of the bf16-rounded probabilities that are multiplied) is rescaled with it, and
-// `corr` is the factor the row's output must be rescaled by. Online softmax in fp32.
-inline void softmax_block(const float* scores, int64_t first_key, int64_t pos, float scale_log2e, float& m, float& l,
-                          float& corr, uint16_t* probs) {
+// probabilities in `probs` relative to the running max `m`; `l16` (the running sum of
+// the bf16-rounded probabilities that are multiplied, 16 partial sums reduced once at
+// the end) and `corr` (the factor the row's output must be rescaled by) follow the max.
+// Online softmax in fp32. The max moves in few blocks once a row has seen some keys: a
+// block whose scores all stay at or below it skips the horizontal max and the scalar
+// exp2 (corr = 1); the sum is one VDPBF16PS against ones per 32 probabilities.
+inline void softmax_block(const float* scores, int64_t first_key, int64_t pos, float scale_log2e, float& m,
+                          float* l16, float& corr, uint16_t* probs) {
   __m512 s[4];
   for (int j = 0; j < 4; ++j) s[j] = _mm512_load_ps(scores + 16 * j);
   if (first_key + kKeyBlock - 1 > pos) {  // the block crosses this row's position
@@ -145,77 +149,111 @@ inline void softmax_block(const float* scores, int64_t first_key, int64_t pos, f
     }
   }
   const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3]));
-  const float m_new = std::max(m, _mm512_reduce_max_ps(mx4));
-  const __m512 shift = _mm512_set1_ps(m_new);
-  const __m512 sl = _mm512_set1_ps(scale_log2e);
-  __m512 sum = _mm512_setzero_ps();
+  corr = 1.f;
+  if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m), _CMP_GT_OQ)) {
+    const float m_new = _mm512_reduce_max_ps(mx4);
+    corr = std::exp2((m - m_new) * scale_log2e);  // 0 at the first block
+    m = m_new;
+  }
+  const __m512 sl = _mm512_set1_ps(scale_log2e), shift = _mm512_set1_ps(m * scale_log2e);
+  const __m512bh ones = bh(_mm512_set1_epi16(0x3f80));  // bf16 1.0
+  __m512 sum = _mm512_mul_ps(_mm512_load_ps(l16), _mm512_set1_ps(corr));
   for (int j = 0; j < 4; j += 2) {
-    const __m512 e0 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[j], shift), sl));
-    const __m512 e1 = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(s[j + 1], shift), sl));
+    const __m512 e0 = exp2_nonpositive(_mm512_fmsub_ps(s[j], sl, shift));
+    const __m512 e1 = exp2_nonpositive(_mm512_fmsub_ps(s[j + 1], sl, shift));
     const __m512bh pr = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half
     _mm512_storeu_si512(probs + 16 * j, reinterpret_cast<__m512i>(pr));
-    // sum what is multiplied: the bf16-rounded probabilities
-    const __m512i w = reinterpret_cast<__m512i>(pr);
-    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xffff0000))));
+    sum = _mm512_dpbf16_ps(sum, pr, ones);  // sum what is multiplied: the rounded values
   }
-  corr = std::exp2((m - m_new) * scale_log2e);  // 0 at the first block
-  l = l * corr + _mm512_reduce_add_ps(sum);
-  m = m_new;
+  _mm512_store_ps(l16, sum);
 }
 
-// T rows (query positions pos[t], bf16 queries q[t]) over every key block they see.
-template <int T>
-void tile_rows(const uint16_t* const* q, const int64_t* pos, int64_t D, const PackedContext& pc,
-               float scale_log2e, float* const* out_rows) {
+// The tile of T rows: its queries, positions, outputs and running softmax state.
+struct Tile {
+  const uint16_t* q[kRows];
+  int64_t pos[kRows];
+  int64_t last = 0;  // the largest position
   RowState st;
+};
+
+template <int T>
+void init_tile(Tile& tile, int64_t D) {
+  tile.last = 0;
   for (int t = 0; t < T; ++t) {
-    st.o[t] = out_rows[t];
-    std::fill(st.o[t], st.o[t] + D, 0.f);
-    st.m[t] = -std::numeric_limits<float>::infinity();
-    st.l[t] = 0.f;
+    std::fill(tile.st.o[t], tile.st.o[t] + D, 0.f);
+    tile.st.m[t] = -std::numeric_limits<float>::infinity();
+    std::fill(tile.st.l[t], tile.st.l[t] + 16, 0.f);
+    tile.last = std::max(tile.last, tile.pos[t]);
   }
-  int64_t last = 0;
-  for (int t = 0; t < T; ++t) last = std::max(last, pos[t]);
-  const int64_t blocks = last / kKeyBlock + 1;
+}
+
+// The tile's T rows against key block kb: scores, online softmax, O += P V.
+template <int T>
+void tile_block(Tile& tile, int64_t D, const PackedContext& pc, float scale_log2e, int64_t kb) {
+  RowState& st = tile.st;
   alignas(64) uint16_t probs[kRows][kKeyBlock];
   alignas(64) float scores[kRows][kKeyBlock];
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    block_scores<T>(q, D, pc.keys.data(), kb, scores);
-    const int64_t first_key = kb * kKeyBlock;
-    for (int t = 0; t < T; ++t) softmax_block(scores[t], first_key, pos[t], scale_log2e, st.m[t], st.l[t], st.corr[t], probs[t]);
-    // O += P V over the block's 32 key pairs, 64 channels (4 zmm per row) at a time
-    const uint16_t* vbase = pc.values.data() + first_key * 16;
-    for (int64_t c0 = 0; c0 < D; c0 += 64) {
-      __m512 o[kRows][4];
+  block_scores<T>(tile.q, D, pc.keys.data(), kb, scores);
+  const int64_t first_key = kb * kKeyBlock;
+  for (int t = 0; t < T; ++t)
+    softmax_block(scores[t], first_key, tile.pos[t], scale_log2e, st.m[t], st.l[t], st.corr[t], probs[t]);
+  // O += P V over the block's 32 key pairs, 64 channels (4 zmm per row) at a time
+  const uint16_t* vbase = pc.values.data() + first_key * 16;
+  for (int64_t c0 = 0; c0 < D; c0 += 64) {
+    __m512 o[kRows][4];
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t) {
+      const __m512 c = _mm512_set1_ps(st.corr[t]);  // rescaled to the new max on load
+#pragma GCC unroll 4
+      for (int d = 0; d < 4; ++d) o[t][d] = _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + c0 + 16 * d), c);
+    }
+    const uint16_t* vgroup = vbase + (c0 / 16) * pc.padded * 16;
+    for (int64_t kp = 0; kp < kKeyBlock / 2; ++kp) {
+      __m512bh vv[4];
+#pragma GCC unroll 4
+      for (int d = 0; d < 4; ++d) vv[d] = bh(_mm512_loadu_si512(vgroup + d * pc.padded * 16 + kp * 32));
 #pragma GCC unroll 6
       for (int t = 0; t < T; ++t) {
-        const __m512 c = _mm512_set1_ps(st.corr[t]);  // rescaled to the new max on load
+        const __m512bh pv = broadcast_pair(probs[t] + 2 * kp);
 #pragma GCC unroll 4
-        for (int d = 0; d < 4; ++d) o[t][d] = _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + c0 + 16 * d), c);
+        for (int d = 0; d < 4; ++d) o[t][d] = _mm512_dpbf16_ps(o[t][d], vv[d], pv);
       }
-      const uint16_t* vgroup = vbase + (c0 / 16) * pc.padded * 16;
-      for (int64_t kp = 0; kp < kKeyBlock / 2; ++kp) {
-        __m512bh vv[4];
-#pragma GCC unroll 4
-        for (int d = 0; d < 4; ++d) vv[d] = bh(_mm512_loadu_si512(vgroup + d * pc.padded * 16 + kp * 32));
-#pragma GCC unroll 6
-        for (int t = 0; t < T; ++t) {
-          const __m512bh pv = broadcast_pair(probs[t] + 2 * kp);
-#pragma GCC unroll 4
-          for (int d = 0; d < 4; ++d) o[t][d] = _mm512_dpbf16_ps(o[t][d], vv[d], pv);
-        }
-      }
-#pragma GCC unroll 6
-      for (int t = 0; t < T; ++t)
-#pragma GCC unroll 4
-        for (int d = 0; d < 4; ++d) _mm512_storeu_ps(st.o[t] + c0 + 16 * d, o[t][d]);
     }
+#pragma GCC unroll 6
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int d = 0; d < 4; ++d) _mm512_storeu_ps(st.o[t] + c0 + 16 * d, o[t][d]);
   }
+}
+
+template <int T>
+void finish_tile(Tile& tile, int64_t D) {
   for (int t = 0; t < T; ++t) {
-    const __m512 inv = _mm512_set1_ps(1.f / st.l[t]);
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(st.o[t] + d, _mm512_mul_ps(_mm512_loadu_ps(st.o[t] + d), inv));
+    float* o = tile.st.o[t];
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(_mm512_load_ps(tile.st.l[t])));
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), inv));
   }
+}
+
+// An item's tiles (up to kQueriesPerItem queries x G heads, in tiles of kRows rows; the
+// last one has `last_rows`) over the key blocks, block by block: a block's 8 KB of keys
+// and 8 KB of values stay in L1 while every tile multiplies them, and only the tiles'
+// states (1.5 KB of outputs a tile) come from L2. Tile by tile instead (every tile
+// streaming the whole packed context, ~600 KB a KV head at 2,300 keys, from L2) took
+// 1.05x as long on Zen 4 (session 25, docs/kernels.md).
+void item_tiles(std::vector<Tile>& tiles, int last_rows, int64_t D, const PackedContext& pc, float scale_log2e) {
+  const int n = static_cast<int>(tiles.size());
+  const auto rows_of = [&](int i) { return i + 1 < n ? kRows : last_rows; };
+  int64_t last = 0;
+  for (int i = 0; i < n; ++i) {
+    dispatch_rows(rows_of(i), [&](auto t) { init_tile<decltype(t)::value>(tiles[i], D); });
+    last = std::max(last, tiles[i].last);
+  }
+  for (int64_t kb = 0; kb <= last / kKeyBlock; ++kb)
+    for (int i = 0; i < n; ++i)
+      if (kb * kKeyBlock <= tiles[i].last)  // blocks wholly past a tile's rows are skipped
+        dispatch_rows(rows_of(i), [&](auto t) { tile_block<decltype(t)::value>(tiles[i], D, pc, scale_log2e, kb); });
+  for (int i = 0; i < n; ++i) dispatch_rows(rows_of(i), [&](auto t) { finish_tile<decltype(t)::value>(tiles[i], D); });
 }
 
 #ifdef AGENTCPU_AMX
@@ -234,7 +272,8 @@ struct AmxScratch {
   alignas(64) float s[kAmxRows * kKeyBlock];     // a block's scores, [16][64]
   alignas(64) uint16_t p[kAmxRows * kKeyBlock];  // its bf16 probabilities
   alignas(64) float pv[kAmxRows * 64];           // P V for 64 channels
-  float m[kAmxRows], l[kAmxRows], corr[kAmxRows];
+  alignas(64) float l[kAmxRows][16];
+  float m[kAmxRows], corr[kAmxRows];
 };
 
 // s = q K^T for key block kb: 4 tiles of 16 keys, D / 32 steps each.
@@ -296,7 +335,7 @@ void amx_tile_rows(int T, const uint16_t* const* q, const int64_t* pos, int64_t 
     if (t < T) std::memcpy(sc.q + t * D, q[t], D * sizeof(uint16_t));
     else std::memset(sc.q + t * D, 0, D * sizeof(uint16_t));  // rows past T: zero, unused
     sc.m[t] = -std::numeric_limits<float>::infinity();
-    sc.l[t] = 0.f;
+    std::fill(sc.l[t], sc.l[t] + 16, 0.f);
   }
   for (int t = 0; t < T; ++t) std::fill(out_rows[t], out_rows[t] + D, 0.f);
   const int64_t blocks = last / kKeyBlock + 1;
@@ -317,7 +356,7 @@ void amx_tile_rows(int T, const uint16_t* const* q, const int64_t* pos, int64_t 
     }
   }
   for (int t = 0; t < T; ++t) {
-    const __m512 inv = _mm512_set1_ps(1.f / sc.l[t]);
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(_mm512_load_ps(sc.l[t])));
     for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(out_rows[t] + d, _mm512_mul_ps(_mm512_loadu_ps(out_rows[t] + d), inv));
   }
 }
@@ -377,43 +416,53 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   const int64_t qblocks = (L + kQueriesPerItem - 1) / kQueriesPerItem;
   const bool amx = amx_enabled().load();
   at::parallel_for(0, KVH * qblocks, 1, [&](int64_t i0, int64_t i1) {
-    constexpr int kMaxRows = 16;  // rows a tile takes: kRows, or 16 on AMX
-    const int64_t tile_rows_n = amx ? kMaxRows : kRows;
-    std::vector<float> acc(kMaxRows * D);
+    std::vector<float> acc;  // the item's rows' fp32 outputs
 #ifdef AGENTCPU_AMX
+    constexpr int kMaxRows = 16;  // rows an AMX tile takes
     std::unique_ptr<AmxScratch> scratch;
     if (amx) {
       scratch = std::make_unique<AmxScratch>();
       agentcpu_amx::configure();
     }
 #endif
+    std::vector<Tile> tiles;
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t kh = item / qblocks, i_begin = (item % qblocks) * kQueriesPerItem;
       const int64_t i_end = std::min(L, i_begin + kQueriesPerItem);
       const int64_t rows = (i_end - i_begin) * G;  // row r: query i_begin + r / G, head r % G
-      for (int64_t r0 = 0; r0 < rows; r0 += tile_rows_n) {
-        const int T = static_cast<int>(std::min<int64_t>(tile_rows_n, rows - r0));
+      if (static_cast<int64_t>(acc.size()) < rows * D) acc.resize(rows * D);
+      const auto query = [&](int64_t r) { return qp + (i_begin + r / G) * q.stride(0) + (kh * G + r % G) * q.stride(1); };
+      if (!amx) {
+        tiles.resize((rows + kRows - 1) / kRows);
+        for (int64_t r = 0; r < rows; ++r) {
+          Tile& tile = tiles[r / kRows];
+          tile.q[r % kRows] = query(r);
+          tile.pos[r % kRows] = C - L + i_begin + r / G;
+          tile.st.o[r % kRows] = acc.data() + r * D;
+        }
+        item_tiles(tiles, static_cast<int>(rows - (tiles.size() - 1) * kRows), D, packed[kh], scale_log2e);
+      }
+#ifdef AGENTCPU_AMX
+      for (int64_t r0 = 0; amx && r0 < rows; r0 += kMaxRows) {
+        const int T = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r0));
         const uint16_t* qrows[kMaxRows];
         int64_t pos[kMaxRows];
         float* orows[kMaxRows];
         for (int t = 0; t < T; ++t) {
-          const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
-          qrows[t] = qp + i * q.stride(0) + h * q.stride(1);
-          pos[t] = C - L + i;
-          orows[t] = acc.data() + t * D;
+          qrows[t] = query(r0 + t);
+          pos[t] = C - L + i_begin + (r0 + t) / G;
+          orows[t] = acc.data() + (r0 + t) * D;
         }
-#ifdef AGENTCPU_AMX
-        if (amx) amx_tile_rows(T, qrows, pos, D, packed[kh], scale_log2e, orows, *scratch);
-        else
+        amx_tile_rows(T, qrows, pos, D, packed[kh], scale_log2e, orows, *scratch);
+      }
 #endif
-          dispatch_rows(T, [&](auto t) { tile_rows<decltype(t)::value>(qrows, pos, D, packed[kh], scale_log2e, orows); });
-        for (int t = 0; t < T; ++t) {
-          const int64_t i = i_begin + (r0 + t) / G, h = kh * G + (r0 + t) % G;
-          auto* o = reinterpret_cast<uint16_t*>(op + (i * H + h) * D);
-          for (int64_t d = 0; d < D; d += 32) {  // round to nearest even, as at::BFloat16 does
-            const __m512bh r = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(orows[t] + d + 16), _mm512_loadu_ps(orows[t] + d));
-            _mm512_storeu_si512(o + d, reinterpret_cast<__m512i>(r));
-          }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i_begin + r / G, h = kh * G + r % G;
+        const float* src = acc.data() + r * D;
+        auto* o = reinterpret_cast<uint16_t*>(op + (i * H + h) * D);
+        for (int64_t d = 0; d < D; d += 32) {  // round to nearest even, as at::BFloat16 does
+          const __m512bh rr = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + d + 16), _mm512_loadu_ps(src + d));
+          _mm512_storeu_si512(o + d, reinterpret_cast<__m512i>(rr));
         }
       }
     }
