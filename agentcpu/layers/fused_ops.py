@@ -50,6 +50,7 @@ FUNCTIONS = [
     "argmax_rows",
 ]
 ATTENTION_COMMON = Path(__file__).with_name("csrc") / "bf16_attention_common.h"
+DECODE_CHUNKS = Path(__file__).with_name("csrc") / "decode_chunks.h"  # both decode kernels' work split
 PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 PREFILL_DECLARATIONS = """
 bool prefill_attention_available();
@@ -77,7 +78,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 @functools.cache
 def fused() -> ModuleType | None:
     return build_extension(
-        "fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH, TENSOR_ROWS, GIL)
+        "fused", SOURCE, DECLARATIONS, FUNCTIONS, (AVX2_MATH, TENSOR_ROWS, GIL, DECODE_CHUNKS)
     )
 
 
@@ -113,7 +114,7 @@ def decode_attention_kernel() -> ModuleType | None:
         DECODE_SOURCE,
         DECODE_DECLARATIONS,
         ["decode_attention_bf16_available", "decode_attention_bf16"],
-        (ATTENTION_COMMON, GIL),
+        (ATTENTION_COMMON, GIL, DECODE_CHUNKS),
         cpu_has_path=detect_cpu().avx512_bf16,
     )
 

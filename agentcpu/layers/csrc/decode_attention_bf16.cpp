@@ -4,11 +4,8 @@
 //
 // out[b, h] = softmax_l(q[b, h] . k_l * scale) v_l over the sequence's slots l < len_b.
 //
-// Work is split along the context ("flash decoding"): an item is one sequence's run of
-// up to `chunk` keys with *all* its KV heads, so every cache line of a slot row (all
-// heads of a token, contiguous; a 16-token block is one contiguous run) is used by the
-// thread that fetched it, and one long sequence still spreads over every thread. Per
-// item, three passes over the chunk:
+// Work is split along the context in chunks of all KV heads (`decode_chunks.h`; a
+// 16-token block's rows are one contiguous run). Per item, three passes over the chunk:
 // - scores: for each 16 keys (gathered by slot), the next 16 keys' rows are prefetched
 //   into L1 and these keys' value rows into L2; per KV head the 16 key rows are
 //   transposed in registers, 16 x 16 32-bit pairs at a time, into lines of "one k pair of
@@ -23,7 +20,7 @@
 // (max, sum, unnormalised output) per chunk and head, merged afterwards.
 // Before this split (an item per sequence and KV head, each reading half of every
 // 256-byte Qwen slot row), the KV streamed at 9-13 GB/s from DRAM (docs/kernels.md).
-// `bf16_attention_common.h` comes first (native_build's prelude).
+// `bf16_attention_common.h` and `decode_chunks.h` come first (native_build's prelude).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -41,8 +38,6 @@ namespace {
 
 constexpr int kMaxGroup = 8;            // query heads per KV head handled here (else the AVX2 kernel)
 constexpr int kKeys = 16;               // keys per score vector
-constexpr int64_t kChunkBytes = 128 << 10;  // K bytes of a chunk (all heads): its V then sits in L2
-constexpr int64_t kMinChunk = 64;
 
 #ifdef AGENTCPU_ATTENTION_BF16
 
@@ -234,15 +229,6 @@ ItemFn item_for(int64_t G) {
   }
 }
 
-// Keys per chunk: its K (all heads) about kChunkBytes, and fewer where that leaves threads
-// idle (a few long sequences: aim at 4 items a thread), in 16-key steps.
-int64_t chunk_keys(int64_t B, int64_t max_len, int64_t row_bytes) {
-  const int64_t cap = std::max<int64_t>(kMinChunk, kChunkBytes / row_bytes / kKeys * kKeys);
-  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B - 1) / B);
-  const int64_t even = (max_len + want - 1) / want;
-  return std::clamp<int64_t>((even + kKeys - 1) / kKeys * kKeys, kMinChunk, cap);
-}
-
 #endif  // AGENTCPU_ATTENTION_BF16
 
 }  // namespace
@@ -265,11 +251,8 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
   const at::Tensor sl = slots.contiguous(), ln = lens.contiguous();
   const int64_t L = sl.size(1);
   const int64_t* lp = ln.data_ptr<int64_t>();
-  int64_t max_len = 1;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "sequence ", b, " has context length ", lp[b]);
-    max_len = std::max(max_len, lp[b]);
-  }
   at::Tensor out = at::empty({B, H, D}, q.options());
 #ifdef AGENTCPU_ATTENTION_BF16
   agentcpu_gil::ReleaseIfHeld no_gil;  // the HTTP thread may run Python meanwhile
@@ -281,30 +264,20 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const at::Tensor& k_cache,
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t* sp = sl.data_ptr<int64_t>();
   const float scale_log2e = static_cast<float>(scale) * 1.4426950408889634f;
-  const int64_t chunk = chunk_keys(B, max_len, KVH * D * 2);
-  // items: (sequence, first key); a sequence's chunks are consecutive, from first[b]
-  struct Item {
-    int64_t seq, key;
-  };
-  std::vector<Item> items;
-  std::vector<int64_t> first(B + 1);
-  for (int64_t b = 0; b < B; ++b) {
-    first[b] = static_cast<int64_t>(items.size());
-    for (int64_t k0 = 0; k0 < lp[b]; k0 += chunk) items.push_back({b, k0});
-  }
-  first[B] = static_cast<int64_t>(items.size());
+  const agentcpu_decode::ChunkItems items(lp, B, KVH * D * 2);
+  const std::vector<int64_t>& first = items.first;
   // per item and head: max, sum, then D outputs; chunk_item writes every value, so the
   // buffer is not zeroed first (~300 KB a layer at 16 streams x 2,500 tokens)
   const int64_t per_item = H * (D + 2);
-  const std::unique_ptr<float[]> part(new float[first[B] * per_item]);
-  at::parallel_for(0, first[B], 1, [&](int64_t i0, int64_t i1) {
+  const std::unique_ptr<float[]> part(new float[items.count() * per_item]);
+  at::parallel_for(0, items.count(), 1, [&](int64_t i0, int64_t i1) {
     Scratch scratch;
     for (int64_t it = i0; it < i1; ++it) {
-      const Item item = items[it];
+      const int64_t seq = items.seq[it];
       float* base = part.get() + it * per_item;
       const ChunkOut res{base, base + H, base + 2 * H};
-      fn(qp + item.seq * q.stride(0), q.stride(1), kp, vp, sp + item.seq * L + item.key,
-         std::min(chunk, lp[item.seq] - item.key), KVH, D, scale_log2e, scratch, res);
+      fn(qp + seq * q.stride(0), q.stride(1), kp, vp, sp + seq * L + items.key[it], items.length(it, lp), KVH, D,
+         scale_log2e, scratch, res);
     }
   });
   // merge each sequence's chunks: weights 2^((m_c - M) * scale log2 e), then normalise

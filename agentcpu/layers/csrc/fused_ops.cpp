@@ -1,8 +1,8 @@
 // Fused decoder ops for the decode step, where each PyTorch op costs more in dispatch
 // than in arithmetic (one token per sequence): RMSNorm, rotary embedding (in place),
 // SiLU-and-multiply, and attention of one query token per sequence over its paged KV
-// slots (no gather, no GQA repeat, no padding mask). `avx2_math.h` comes first
-// (native_build's prelude).
+// slots (no gather, no GQA repeat, no padding mask). `avx2_math.h` and the rest of
+// native_build's prelude (`decode_chunks.h` last) come first.
 //
 // Every op computes in fp32 and rounds to the tensor dtype exactly where the PyTorch /
 // Hugging Face reference does (e.g. RMSNorm rounds the normalized row before the weight
@@ -16,6 +16,7 @@
 #endif
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -257,25 +258,9 @@ inline __m256 hsum8(const __m256* v) {
                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-// Work is split along the context ("flash decoding", as in `decode_attention_bf16.cpp`):
-// an item is one sequence's run of up to `avx2_chunk_keys` keys with *all* its KV heads,
-// so every cache line of a slot row (all heads of a token) is used by the thread that
-// fetched it, and one long sequence still spreads over every thread. An item per
-// (sequence, KV head), reading half of each 256-byte Qwen row, streamed the KV at 6-10
-// GB/s from DRAM (docs/kernels.md, session 25).
-constexpr int64_t kChunkBytes = 128 << 10;  // K bytes of a chunk (all heads): its V then sits in L2
-constexpr int64_t kMinChunk = 64;
-constexpr int64_t kKeyStep = 16;            // chunk lengths are multiples of this
-
-// Keys per chunk: its K about kChunkBytes, and fewer where that leaves threads idle (a
-// few long sequences: aim at 4 items a thread), in 16-key steps.
-inline int64_t avx2_chunk_keys(int64_t B, int64_t max_len, int64_t row_bytes) {
-  const int64_t cap = std::max<int64_t>(kMinChunk, kChunkBytes / row_bytes / kKeyStep * kKeyStep);
-  const int64_t want = std::max<int64_t>(1, (4 * at::get_num_threads() + B - 1) / B);
-  const int64_t even = (max_len + want - 1) / want;
-  return std::clamp<int64_t>((even + kKeyStep - 1) / kKeyStep * kKeyStep, kMinChunk, cap);
-}
-
+// Work is split along the context in chunks of all KV heads (`decode_chunks.h`). An item
+// per (sequence, KV head), reading half of each 256-byte Qwen row, streamed the KV at
+// 6-10 GB/s from DRAM (docs/kernels.md, session 25).
 // The paged KV blocks are scattered through the pool, so the hardware prefetcher
 // restarts at every block. Software prefetch hides that only when spread out, about one
 // per line consumed (a burst of a block's lines measured no faster than none on Zen 4,
@@ -419,34 +404,22 @@ template <typename T>
 void decode_chunks(DecodeChunkFn<T> fn, const T* qp, int64_t q_row, int64_t q_head, const T* kp, const T* vp,
                    const int64_t* sp, const int64_t* lp, int64_t B, int64_t L, int64_t H, int64_t KVH, int64_t D,
                    float scale, T* op) {
-  int64_t max_len = 1;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, lp[b]);
-  const int64_t chunk = avx2_chunk_keys(B, max_len, KVH * D * static_cast<int64_t>(sizeof(T)));
-  struct Item {
-    int64_t seq, key;
-  };
-  std::vector<Item> items;
-  std::vector<int64_t> first(B + 1);
-  for (int64_t b = 0; b < B; ++b) {
-    first[b] = static_cast<int64_t>(items.size());
-    for (int64_t k0 = 0; k0 < lp[b]; k0 += chunk) items.push_back({b, k0});
-  }
-  first[B] = static_cast<int64_t>(items.size());
+  const agentcpu_decode::ChunkItems items(lp, B, KVH * D * static_cast<int64_t>(sizeof(T)));
+  const std::vector<int64_t>& first = items.first;
   const int64_t per_item = H * (D + 2);  // every value is written by its item
-  std::vector<float> part(first[B] * per_item);
-  at::parallel_for(0, first[B], 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(H * D), scores(KVH * chunk * 8);
+  const std::unique_ptr<float[]> part(new float[items.count() * per_item]);
+  at::parallel_for(0, items.count(), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(H * D), scores(KVH * items.chunk * 8);
     int64_t seq = -1;
     for (int64_t it = i0; it < i1; ++it) {
-      const Item item = items[it];
-      if (item.seq != seq) {  // scaled fp32 queries, [H][D]
-        seq = item.seq;
+      if (items.seq[it] != seq) {  // scaled fp32 queries, [H][D]
+        seq = items.seq[it];
         for (int64_t h = 0; h < H; ++h)
           for (int64_t i = 0; i < D; ++i) qf[h * D + i] = to_f(qp[seq * q_row + h * q_head + i]) * scale;
       }
-      float* base = part.data() + it * per_item;
-      fn(qf.data(), kp, vp, sp + seq * L + item.key, std::min(chunk, lp[seq] - item.key), KVH, D,
-         scores.data(), ChunkOut{base, base + H, base + 2 * H});
+      float* base = part.get() + it * per_item;
+      fn(qf.data(), kp, vp, sp + seq * L + items.key[it], items.length(it, lp), KVH, D, scores.data(),
+         ChunkOut{base, base + H, base + 2 * H});
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -458,7 +431,7 @@ void decode_chunks(DecodeChunkFn<T> fn, const T* qp, int64_t q_row, int64_t q_he
         float total = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t it = first[b]; it < first[b + 1]; ++it) {
-          const float* base = part.data() + it * per_item;
+          const float* base = part.get() + it * per_item;
           const float w = std::exp(base[h] - M);
           total += w * base[H + h];
           const float* o = base + 2 * H + h * D;
