@@ -261,6 +261,7 @@ inline __m256 hsum8(const __m256* v) {
 // Work is split along the context in chunks of all KV heads (`decode_chunks.h`). An item
 // per (sequence, KV head), reading half of each 256-byte Qwen row, streamed the KV at
 // 6-10 GB/s from DRAM (docs/kernels.md, session 25).
+//
 // The paged KV blocks are scattered through the pool, so the hardware prefetcher
 // restarts at every block. Software prefetch hides that only when spread out, about one
 // per line consumed (a burst of a block's lines measured no faster than none on Zen 4,
