@@ -97,7 +97,7 @@ def resolve_engine_config(
 
 def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | None]:
     """The filled model and the tokenizer (None when the directory has no tokenizer)."""
-    from agentcpu.quant import apply_quant, interleave_int4_layers
+    from agentcpu.quant import apply_quant, interleave_int4_layers, lay_out_int8_layers
 
     if _is_gguf_file(config.model):
         model, tokenizer = _load_gguf(config)
@@ -108,6 +108,7 @@ def load_model_and_tokenizer(config: EngineConfig) -> tuple[nn.Module, object | 
     model = apply_quant(model, config.quant)
     pack_linears(model)  # bf16 layers left after quantization, where AVX-512 BF16 exists
     interleave_int4_layers(model)  # int4 layers (--quant int4*, GGUF Q4_0 / Q4_1)
+    lay_out_int8_layers(model)  # per-channel int8 layers (--quant int8, the int8 LM head) on VNNI
     move_to_huge_pages(model)  # decode streams the weights: 2 MiB pages (hardware/huge_pages.py)
     return model, tokenizer
 

@@ -7,7 +7,13 @@ docs/quantization.md describes the formats, the kernels and how they were chosen
 """
 
 from agentcpu.quant.formats import Int4Weight, Int8Weight, QuantizationError
-from agentcpu.quant.model import apply_quant, interleave_int4_layers, parse_quant, quantize_model
+from agentcpu.quant.model import (
+    apply_quant,
+    interleave_int4_layers,
+    lay_out_int8_layers,
+    parse_quant,
+    quantize_model,
+)
 from agentcpu.quant.modules import Int4Linear, Int8Linear, QuantizedLinear
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "QuantizedLinear",
     "apply_quant",
     "interleave_int4_layers",
+    "lay_out_int8_layers",
     "parse_quant",
     "quantize_model",
 ]

@@ -263,6 +263,39 @@ def _deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(groups * INTERLEAVE_ROWS, cols).contiguous()
 
 
+PANEL_ROWS = 32  # rows of an int8 VNNI panel: 4 vectors of 8 int32 lanes
+
+
+def int8_panels(w: Int8Weight) -> torch.Tensor:
+    """The VNNI kernel's layout of a per-channel int8 weight (docs/quantization.md, "int8
+    batches on VNNI"): rows in panels of 32, each [K/4][32 rows][4 bytes] of `w xor 0x80`
+    (the unsigned operand of VPDPBUSD, w + 128), so a 32-byte line holds one 4-byte k
+    step of 8 rows. Returns uint8 [N/32, K/4, 128]; N and K must be multiples of 32."""
+    rows, cols = w.qweight.shape
+    if rows % PANEL_ROWS or cols % BLOCK or w.scales.shape[1] != 1:
+        raise QuantizationError(
+            f"int8 panels need per-channel scales and both dimensions a multiple of 32, "
+            f"got {rows} x {cols} with {w.scales.shape[1]} groups"
+        )
+    q = w.qweight.view(torch.uint8).reshape(rows // PANEL_ROWS, PANEL_ROWS, cols // 4, 4)
+    panels = huge_pages.weight_buffer((rows // PANEL_ROWS, cols // 4, PANEL_ROWS * 4), torch.uint8)
+    panels.view(rows // PANEL_ROWS, cols // 4, PANEL_ROWS, 4).copy_(q.permute(0, 2, 1, 3))
+    panels.bitwise_xor_(0x80)
+    return panels
+
+
+def is_int8_panels(qweight: torch.Tensor) -> bool:
+    """Whether an int8 qweight is in `int8_panels`' layout (3-D uint8) or in rows."""
+    return qweight.dim() == 3
+
+
+def int8_rows_from_panels(panels: torch.Tensor) -> torch.Tensor:
+    """Inverse of `int8_panels`: the int8 [N, K] rows."""
+    npanels, steps, _ = panels.shape
+    q = (panels ^ 0x80).view(npanels, steps, PANEL_ROWS, 4).permute(0, 2, 1, 3)
+    return q.reshape(npanels * PANEL_ROWS, steps * 4).contiguous().view(torch.int8)
+
+
 def int8_from_q8_0(qs: torch.Tensor, d: torch.Tensor) -> Int8Weight:
     """GGUF Q8_0 blocks, already split into `qs` int8 [N, K] and `d` fp16 [N, K // 32]."""
     _check_blocks(qs, d, qs.shape[1], torch.int8)

@@ -107,3 +107,10 @@ def interleave_int4_layers(model: nn.Module) -> int:
     decode kernel's 8-row interleaved layout (`Int4Linear.interleave_rows`); returns how
     many did."""
     return sum(m.interleave_rows() for m in model.modules() if isinstance(m, Int4Linear))
+
+
+def lay_out_int8_layers(model: nn.Module) -> int:
+    """The loader's last step for int8 layers: every per-channel `Int8Linear` that can
+    takes the VNNI kernel's panel layout (`Int8Linear.lay_out_panels`); returns how many
+    did (none on CPUs without VNNI)."""
+    return sum(m.lay_out_panels() for m in model.modules() if isinstance(m, Int8Linear))

@@ -28,6 +28,8 @@ from agentcpu.quant.formats import (
     deinterleave_int4,
     dequantize_int4,
     dequantize_int8,
+    int8_rows_from_panels,
+    is_int8_panels,
     is_interleaved_int4,
 )
 from agentcpu.quant.kernels import kernels, native_bf16_matmul
@@ -87,9 +89,20 @@ def _bf16_tiles(x: torch.Tensor) -> bool:
     return native_bf16_matmul() and x.dtype == torch.bfloat16
 
 
+@functools.cache
+def vnni_path() -> bool:
+    """Whether the kernels have the int8 VNNI path (`csrc/int8_vnni.cpp`): per-channel int8
+    layers are then laid out in its panels at load and take it at every batch size."""
+    k = kernels()
+    return k is not None and k.int8_vnni_available()
+
+
 def int8_path(rows: int, dtype: torch.dtype, qweight: torch.Tensor, scales: torch.Tensor) -> str:
-    """The compiled kernel `int8_linear` runs for `rows` rows of `dtype`: "packed",
-    "tiled" or "gemv" (the decode stack asks too: `layers/decode_stack.py`)."""
+    """The compiled kernel `int8_linear` runs for `rows` rows of `dtype`: "vnni" (a weight
+    in panels), "packed", "tiled" or "gemv" (the decode stack asks too:
+    `layers/decode_stack.py`)."""
+    if is_int8_panels(qweight):
+        return "vnni"
     if _use_packed(rows, dtype, qweight.shape[0], qweight.shape[1]):
         return "packed"
     group = qweight.shape[1] // scales.shape[1]
@@ -115,11 +128,14 @@ def int4_path(rows: int, dtype: torch.dtype, qweight: torch.Tensor) -> str:
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """y = x @ (qweight * scales).T + bias, formats as in `formats.Int8Weight`."""
+    """y = x @ (qweight * scales).T + bias, formats as in `formats.Int8Weight`, or laid
+    out in VNNI panels (`formats.int8_panels`: 3-D qweight)."""
     k = kernels()
     if k is None:
         return int8_linear_reference(x, qweight, scales, bias)
     path = int8_path(_tokens(x), x.dtype, qweight, scales)
+    if path == "vnni":
+        return k.int8_linear_vnni(x, qweight, scales, bias)
     if path == "packed":
         return k.int8_linear_packed(x, qweight, scales, bias)
     if path == "tiled":
@@ -152,6 +168,8 @@ def int8_linear_reference(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """PyTorch fallback: dequantize, then F.linear in the activation dtype."""
+    if is_int8_panels(qweight):
+        qweight = int8_rows_from_panels(qweight)
     weight = dequantize_int8(Int8Weight(qweight, scales))
     return F.linear(x, weight.to(x.dtype), bias)
 

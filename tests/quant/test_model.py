@@ -23,6 +23,8 @@ from agentcpu.quant import (
     QuantizationError,
     apply_quant,
     interleave_int4_layers,
+    lay_out_int8_layers,
+    ops,
     parse_quant,
     quantize_model,
 )
@@ -79,11 +81,19 @@ def test_every_linear_is_swapped_and_biases_kept(checkpoint_dir, family, method)
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_logits_close_to_float(checkpoint_dir, family, dtype):
+@pytest.mark.parametrize("panels", [False, True])
+def test_int8_logits_close_to_float(checkpoint_dir, family, dtype, panels):
+    """`panels`: the layout the loader gives per-channel int8 layers on VNNI CPUs."""
     path = checkpoint_dir(family)
     ref = _logits(make_engine(path, dtype=dtype))
     engine = make_engine(path, dtype=dtype)
     apply_quant(engine.model, "int8")
+    if panels:
+        if not ops.vnni_path():
+            pytest.skip("no int8 VNNI kernel here: layers keep the row layout")
+        assert lay_out_int8_layers(engine.model) == len(
+            [m for m in engine.model.modules() if isinstance(m, Int8Linear)]
+        )
     agree, rel = _compare(ref, _logits(engine))
     assert agree >= 0.90 and rel <= 0.06, f"top-1 {agree:.3f}, relative error {rel:.4f}"
 
