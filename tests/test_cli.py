@@ -108,3 +108,22 @@ def test_bench_decode_refuses_an_empty_context(capsys):
         main(["bench", "decode", "--shape", "qwen2.5-0.5b", "--context-len", "0"])
     assert exit_info.value.code == 2
     assert "--context-len: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_int8_prefill_roofline_is_the_int8_matmul_where_products_run_in_int8(tmp_path):
+    """An int8 model's linears compute in int8 on VNNI CPUs (`quant/csrc/int8_vnni.cpp`),
+    so its prefill limit is the doctor's int8 matmul rate there, the float one elsewhere;
+    int4 dequantizes to bf16 and keeps the float rate."""
+    from agentcpu.bench.checkpoints import make_random_checkpoint
+    from agentcpu.commands.bench import roofline_limits
+    from agentcpu.hardware.doctor import doctor_report
+    from agentcpu.quant import ops
+
+    model = str(make_random_checkpoint("tiny-qwen2", tmp_path / "tiny"))
+    doctor = doctor_report(model_path=model, quick=True)
+    doctor["int8_tops"] = 10 * doctor["matmul_tflops"]
+    float_rate = roofline_limits(doctor, model, "int4-g32", 1)["prefill_tok_s"]
+    int8_rate = roofline_limits(doctor, model, "int8", 1)["prefill_tok_s"]
+    assert int8_rate == pytest.approx(float_rate * (10 if ops.vnni_path() else 1))
+    doctor["int8_tops"] = None  # no int8 matmul measured: the float rate
+    assert roofline_limits(doctor, model, "int8", 1)["prefill_tok_s"] == pytest.approx(float_rate)

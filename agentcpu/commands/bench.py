@@ -207,20 +207,23 @@ def roofline_limits(
     doctor: dict, model: str, quant: str | None, context_tokens: int = 0
 ) -> dict[str, float]:
     """The roofline of `model` as `quant` stores it (`roofline.agentcpu_quant_footprint`),
-    at the doctor's bandwidth and matmul rate; a decode step also reads the KV of
-    `context_tokens`."""
+    at the doctor's bandwidth and matmul rate: int8 where an int8 model's products run in
+    int8 (`quant.ops.vnni_path`, the doctor's int8 matmul), else the faster float one; a
+    decode step also reads the KV of `context_tokens`."""
     from agentcpu.hardware.doctor import TERA
     from agentcpu.hardware.roofline import agentcpu_quant_footprint, model_footprint, roofline
-    from agentcpu.quant import parse_quant
+    from agentcpu.quant import ops, parse_quant
 
     if quant is None and not context_tokens:
         return doctor["model"]["roofline"]["stored"]
     footprint = model_footprint(model)
+    tera_ops = doctor["matmul_tflops"]
     if quant is not None:
-        footprint = agentcpu_quant_footprint(footprint, *parse_quant(quant))
-    return roofline(
-        footprint, doctor["bandwidth_gbs"], doctor["matmul_tflops"] * TERA, context_tokens
-    )
+        method, group, symmetric = parse_quant(quant)
+        footprint = agentcpu_quant_footprint(footprint, method, group, symmetric)
+        if method == "int8" and doctor.get("int8_tops") and ops.vnni_path():
+            tera_ops = max(tera_ops, doctor["int8_tops"])
+    return roofline(footprint, doctor["bandwidth_gbs"], tera_ops * TERA, context_tokens)
 
 
 def _model_path(args) -> str:
