@@ -31,9 +31,16 @@ class QuantizedLinear(FastModule):
     def weight_data(self) -> formats.Int8Weight | formats.Int4Weight:
         raise NotImplementedError
 
+    def _relaid_by(self) -> str | None:
+        """The method that stored the weight in a kernel's layout, None while in rows."""
+        return None
+
     def load_rows(self, start: int, weight: formats.Int8Weight | formats.Int4Weight) -> None:
         """Copy `weight` into output rows start.. (one part of a fused projection, as a
-        GGUF loader fills a module made by `empty`); its format must match ours."""
+        GGUF loader fills a module made by `empty`); its format must match ours, and the
+        module must still be in rows (`weight_data` of a relaid one is a copy)."""
+        if (method := self._relaid_by()) is not None:
+            raise formats.QuantizationError(f"load rows before {method}(), not after")
         ours = self.weight_data
         for field in dataclasses.fields(ours):
             target, part = getattr(ours, field.name), getattr(weight, field.name)
@@ -96,10 +103,8 @@ class Int8Linear(QuantizedLinear):
     def in_panels(self) -> bool:
         return formats.is_int8_panels(self.qweight)
 
-    def load_rows(self, start: int, weight: formats.Int8Weight) -> None:
-        if self.in_panels:  # weight_data would be a copy: the rows would be lost
-            raise formats.QuantizationError("load rows before lay_out_panels(), not after")
-        super().load_rows(start, weight)
+    def _relaid_by(self) -> str | None:
+        return "lay_out_panels" if self.in_panels else None
 
     def lay_out_panels(self) -> bool:
         """Store the weight in the int8 VNNI kernel's panels where this CPU has that kernel
@@ -191,10 +196,8 @@ class Int4Linear(QuantizedLinear):
     def interleaved(self) -> bool:
         return formats.is_interleaved_int4(self.qweight)
 
-    def load_rows(self, start: int, weight: formats.Int4Weight) -> None:
-        if self.interleaved:  # weight_data would be a copy: the rows would be lost
-            raise formats.QuantizationError("load rows before interleave_rows(), not after")
-        super().load_rows(start, weight)
+    def _relaid_by(self) -> str | None:
+        return "interleave_rows" if self.interleaved else None
 
     def interleave_rows(self) -> bool:
         """Store the weight 8 rows interleaved, where the kernels read that layout and

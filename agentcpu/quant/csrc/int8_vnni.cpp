@@ -71,15 +71,6 @@ inline void store(float* o, Sum f) { _mm256_storeu_ps(o, f); }
 #endif
 constexpr int kLines = kPanelRows / kLanes;  // lines a k step of a panel
 
-// Sums of the 4-byte groups of 32 int8 (the quantizer's sum of q).
-inline __m256i dpbusd256(__m256i acc, __m256i u, __m256i q) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, u, q);
-#else
-  return _mm256_dpbusd_avx_epi32(acc, u, q);
-#endif
-}
-
 // Activations of M tokens: int8 [M][K], one scale per token and block, and C[t].
 struct Acts {
   std::vector<int8_t> q;
@@ -100,19 +91,18 @@ inline float quantize_block(const T* x, int64_t n, int8_t* q, int32_t* qsum) {
   for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(x + i)));
   const float d = agentcpu_avx2::hmax(amax) / 127.f;
   const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
-  __m256i sum = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i sum = _mm256_setzero_si256();  // 4 x 64-bit sums of q + 128
   for (int64_t i = 0; i < n; i += 32) {
     __m256 v[4];
     for (int j = 0; j < 4; ++j)
       v[j] = _mm256_round_ps(_mm256_mul_ps(load8(x + i + 8 * j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i b = agentcpu_avx2::to_int8x32(v);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), b);
-    sum = dpbusd256(sum, _mm256_set1_epi8(1), b);  // 1 * q summed in 4-byte groups
+    sum = _mm256_add_epi64(sum, _mm256_sad_epu8(_mm256_xor_si256(b, flip), _mm256_setzero_si256()));
   }
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s = _mm_hadd_epi32(s, s);
-  s = _mm_hadd_epi32(s, s);
-  *qsum = _mm_cvtsi128_si32(s);
+  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  *qsum = static_cast<int32_t>(_mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1) - 128 * n);
   return d;
 }
 
