@@ -145,6 +145,11 @@ def _methods(k_in, n_out, batch, with_compile, working_set):
                 int4g32_args,
             ),
         }
+        if k.int8_vnni_available() and n_out % formats.PANEL_ROWS == 0 and k_in % 32 == 0:
+            methods["ours int8 VNNI panels"] = (
+                lambda p, s: k.int8_linear_vnni(xb, p, s, None),
+                (formats.int8_panels(w8), w8.scales),
+            )
     if (dot := bf16_dot_kernel()) is not None:
         methods["ours bf16 dot (AVX-512 BF16)"] = (
             lambda w: dot.bf16_dot_linear(xb, w, None),
