@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from agentcpu.hardware.cpu_features import detect_cpu
 from agentcpu.layers.packed_linear import BLOCK_ROWS
 from agentcpu.quant.formats import (
     BLOCK,
@@ -91,10 +92,13 @@ def _bf16_tiles(x: torch.Tensor) -> bool:
 
 @functools.cache
 def vnni_path() -> bool:
-    """Whether the kernels have the int8 VNNI path (`csrc/int8_vnni.cpp`): per-channel int8
-    layers are then laid out in its panels at load and take it at every batch size."""
+    """Whether per-channel int8 layers take the int8 VNNI path (`csrc/int8_vnni.cpp`): laid
+    out in its panels at load, it serves every batch size. Not on CPUs with AMX tiles:
+    there the dequantizing packed path multiplies big batches on AMX (int8 prefill 1,252
+    tok/s on the Qwen2.5-0.5B shape, session 21), above what VPDPBUSD on 2 cores can give
+    (~0.7 TOPS); the VNNI path is unmeasured there (docs/quantization.md)."""
     k = kernels()
-    return k is not None and k.int8_vnni_available()
+    return k is not None and k.int8_vnni_available() and not detect_cpu().amx_bf16
 
 
 def int8_path(rows: int, dtype: torch.dtype, qweight: torch.Tensor, scales: torch.Tensor) -> str:
