@@ -263,16 +263,22 @@ def _deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(groups * INTERLEAVE_ROWS, cols).contiguous()
 
 
-PANEL_ROWS = 32  # rows of an int8 VNNI panel: 4 vectors of 8 int32 lanes
+PANEL_ROWS = 32  # rows of an int8 VNNI panel: 2 zmm (or 4 ymm) of int32 lanes
+
+
+def fits_int8_panels(w: Int8Weight) -> bool:
+    """Whether `int8_panels` takes this weight: per-channel scales, N and K multiples of 32."""
+    rows, cols = w.qweight.shape
+    return rows % PANEL_ROWS == 0 and cols % BLOCK == 0 and w.scales.shape[1] == 1
 
 
 def int8_panels(w: Int8Weight) -> torch.Tensor:
-    """The VNNI kernel's layout of a per-channel int8 weight (docs/quantization.md, "int8
-    batches on VNNI"): rows in panels of 32, each [K/4][32 rows][4 bytes] of `w xor 0x80`
-    (the unsigned operand of VPDPBUSD, w + 128), so a 32-byte line holds one 4-byte k
-    step of 8 rows. Returns uint8 [N/32, K/4, 128]; N and K must be multiples of 32."""
+    """The VNNI kernel's layout of a per-channel int8 weight (docs/quantization.md, "int8 on
+    VNNI"): rows in panels of 32, each [K/4][32 rows][4 bytes] of `w xor 0x80` (the
+    unsigned operand of VPDPBUSD, w + 128), so a 64-byte line holds one 4-byte k step of 16
+    rows. Returns uint8 [N/32, K/4, 128]."""
     rows, cols = w.qweight.shape
-    if rows % PANEL_ROWS or cols % BLOCK or w.scales.shape[1] != 1:
+    if not fits_int8_panels(w):
         raise QuantizationError(
             f"int8 panels need per-channel scales and both dimensions a multiple of 32, "
             f"got {rows} x {cols} with {w.scales.shape[1]} groups"

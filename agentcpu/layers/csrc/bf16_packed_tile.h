@@ -32,9 +32,32 @@ namespace agentcpu_packed {
 
 // The common entry of the bf16 linear kernels: x as contiguous [M, K] rows, the bf16
 // output [M, N], and the bias in fp32 (null without one), checked against N.
+// An optional bias of N values as fp32: an fp32 one read in place, a bf16 one widened
+// element by element (no dispatched op on the decode path), anything else converted.
+struct FloatBias {
+  at::Tensor converted;
+  std::vector<float> widened;
+  const float* data = nullptr;  // null: no bias
+};
+
+inline void read_bias(const c10::optional<at::Tensor>& bias, int64_t N, FloatBias& b) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
+  if (bias->is_contiguous() && bias->scalar_type() == at::kFloat) {
+    b.data = bias->data_ptr<float>();
+  } else if (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16) {
+    const at::BFloat16* p = bias->data_ptr<at::BFloat16>();
+    b.widened.assign(p, p + N);
+    b.data = b.widened.data();
+  } else {
+    b.converted = bias->to(at::kFloat).contiguous();
+    b.data = b.converted.data_ptr<float>();
+  }
+}
+
 struct LinearIO {
-  at::Tensor x2, out, bias_f;
-  std::vector<float> bias_buf;  // a bf16 bias widened without a dispatched op
+  at::Tensor x2, out;
+  FloatBias bias_holder;
   const float* bias = nullptr;
   int64_t M = 0;
 };
@@ -46,19 +69,8 @@ inline LinearIO linear_io(const at::Tensor& x, int64_t K, int64_t N, const c10::
   io.x2 = agentcpu_rows::as_rows(x);
   io.M = io.x2.size(0);
   io.out = at::empty({io.M, N}, io.x2.options());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, weight has ", N, " rows");
-    if (bias->is_contiguous() && bias->scalar_type() == at::kFloat) {
-      io.bias = bias->data_ptr<float>();
-    } else if (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16) {
-      const at::BFloat16* b = bias->data_ptr<at::BFloat16>();
-      io.bias_buf.assign(b, b + N);  // element-wise bf16 -> float
-      io.bias = io.bias_buf.data();
-    } else {
-      io.bias_f = bias->to(at::kFloat).contiguous();
-      io.bias = io.bias_f.data_ptr<float>();
-    }
-  }
+  read_bias(bias, N, io.bias_holder);
+  io.bias = io.bias_holder.data;
   return io;
 }
 

@@ -175,21 +175,6 @@ void tile_dispatch(int nt, const uint8_t* panel, int64_t K, const Acts& a, int64
   tile<T>(panel, K, a, t0, acc);
 }
 
-#endif  // AGENTCPU_INT8_VNNI
-
-}  // namespace agentcpu_int8_vnni
-
-// Whether this build has the VNNI batch path.
-bool int8_vnni_available() {
-#ifdef AGENTCPU_INT8_VNNI
-  return true;
-#else
-  return false;
-#endif
-}
-
-namespace agentcpu_int8_vnni {
-#ifdef AGENTCPU_INT8_VNNI
 // y = ws[n] * (acc[t, n] - C[t]) + bias[n] for every panel and token group; Out is float or
 // at::BFloat16 (the input's dtype).
 template <typename In, typename Out>
@@ -214,8 +199,19 @@ void run(const In* xp, int64_t M, int64_t N, int64_t K, const uint8_t* panels, c
     }
   });
 }
-#endif
+
+#endif  // AGENTCPU_INT8_VNNI
+
 }  // namespace agentcpu_int8_vnni
+
+// Whether this build has the VNNI batch path.
+bool int8_vnni_available() {
+#ifdef AGENTCPU_INT8_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
 
 // y = x @ (w * scales).T + bias for a per-channel int8 weight laid out in panels
 // (`formats.int8_panels`: uint8 [N / 32, K / 4, 128]) and scales fp32 [N, 1]; x fp32 or
@@ -229,35 +225,22 @@ at::Tensor int8_linear_vnni(const at::Tensor& x, const at::Tensor& panels, const
   const int64_t N = panels.size(0) * 32, K = panels.size(1) * 4;
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
               "int8 VNNI scales must be contiguous fp32 [", N, ", 1]");
+  TORCH_CHECK(K % 32 == 0, "int8 VNNI panels need in_features % 32 == 0, got ", K);
   TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, weight expects ", K);
   at::Tensor x2 = agentcpu_rows::as_rows(x);
   if (x2.scalar_type() != at::kFloat && x2.scalar_type() != at::kBFloat16) x2 = x2.to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   at::Tensor out = at::empty({M, N}, x2.options());
-  std::vector<float> bias_buf;
-  at::Tensor bias_keep;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " values, the layer ", N, " outputs");
-    if (bias->is_contiguous() && bias->scalar_type() == at::kFloat) {
-      bp = bias->data_ptr<float>();
-    } else if (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16) {
-      const at::BFloat16* b = bias->data_ptr<at::BFloat16>();
-      bias_buf.assign(b, b + N);  // element-wise bf16 -> float, no dispatched op
-      bp = bias_buf.data();
-    } else {
-      bias_keep = bias->to(at::kFloat).contiguous();
-      bp = bias_keep.data_ptr<float>();
-    }
-  }
+  agentcpu_packed::FloatBias b;
+  agentcpu_packed::read_bias(bias, N, b);
 #ifdef AGENTCPU_INT8_VNNI
   const uint8_t* wp = panels.data_ptr<uint8_t>();
   const float* ws = scales.data_ptr<float>();
   if (M > 0) {
     if (x2.scalar_type() == at::kBFloat16)
-      run(x2.data_ptr<at::BFloat16>(), M, N, K, wp, ws, bp, out.data_ptr<at::BFloat16>());
+      run(x2.data_ptr<at::BFloat16>(), M, N, K, wp, ws, b.data, out.data_ptr<at::BFloat16>());
     else
-      run(x2.data_ptr<float>(), M, N, K, wp, ws, bp, out.data_ptr<float>());
+      run(x2.data_ptr<float>(), M, N, K, wp, ws, b.data, out.data_ptr<float>());
   }
 #endif
   return agentcpu_rows::like_rows(out, x);
